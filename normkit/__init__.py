@@ -1,0 +1,44 @@
+"""normkit: torch.nn's normalization layers, computed by normkit's own kernels.
+
+Swap ``import torch.nn as nn`` for ``import normkit as nk``: ``nk.BatchNorm2d`` is a
+``torch.nn.BatchNorm2d`` (same arguments, buffers, state_dict, errors), whose arithmetic runs in
+normkit's backends instead of torch's native normalization ops.
+"""
+
+from normkit import functional
+from normkit.backends import available_backends, set_backend, use_backend
+from normkit.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    SyncBatchNorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "SyncBatchNorm",
+    "GroupNorm",
+    "LayerNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "functional",
+    "set_backend",
+    "use_backend",
+    "available_backends",
+]

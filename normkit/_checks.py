@@ -1,0 +1,175 @@
+"""Input validation that raises exactly what torch raises, with torch's messages.
+
+Each function checks one rule; `normkit.functional` calls them in torch's order, before any
+statistic is computed or buffer touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_C10_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+_REDUCED_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def c10_name(dtype: torch.dtype) -> str:
+    """The scalar-type name torch prints in its error messages ('Float', 'Half', ...)."""
+    return _C10_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def verify_batch_size(size: Sequence[int]) -> None:
+    """ValueError when a channel would be normalized over a single value (size[0]*size[2:])."""
+    count = size[0]
+    for extent in size[2:]:
+        count *= extent
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def verify_spatial_size(size: Sequence[int]) -> None:
+    """ValueError when an instance would be normalized over a single spatial element."""
+    count = 1
+    for extent in size[2:]:
+        count *= extent
+    if count == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {size}"
+        )
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """BatchNorm's eps rule: positive in training, non-negative in eval."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def check_running_pair(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    """Both running statistics or neither."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+
+
+def check_running_stats_not_differentiable(*running: Tensor | None) -> None:
+    """Running statistics are buffers: autograd refuses them when they require grad."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in zip(("running_mean", "running_var"), running):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"The function 'native_batch_norm' is not differentiable with respect to "
+                f"argument '{name}'. This input cannot have requires_grad True."
+            )
+
+
+def check_per_channel_sizes(num_features: int, scale: int = 1, **tensors: Tensor | None) -> None:
+    """Each given per-channel tensor must hold num_features elements (InstanceNorm: scale=N)."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() * scale != num_features:
+            raise RuntimeError(
+                f"{name} should contain {num_features} elements not {t.numel() * scale}"
+            )
+
+
+def check_dtypes(kernel: str, x: Tensor, *params: Tensor | None) -> None:
+    """torch's CPU dtype rules for (input, params...).
+
+    Integer input is not implemented. Parameters either share the input's dtype, or (mixed mode)
+    are all float32 while the input is float16/bfloat16. Whether the call is mixed is decided by
+    the first defined parameter, as torch does.
+    """
+    if not x.is_floating_point():
+        raise NotImplementedError(f'"{kernel}" not implemented for \'{c10_name(x.dtype)}\'')
+    defined = [p for p in params if p is not None]
+    if not defined:
+        return
+    if defined[0].dtype != x.dtype:
+        if any(p.dtype != torch.float32 for p in defined):
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if x.dtype not in _REDUCED_FLOATS:
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        return
+    for p in defined:
+        if p.dtype != x.dtype:
+            raise RuntimeError(
+                f"expected scalar type {c10_name(x.dtype)} but found {c10_name(p.dtype)}"
+            )
+
+
+def check_group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None):
+    """GroupNorm's shape rules: positive groups, per-channel vectors, divisible channels."""
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.numel() != channels):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {list(t.shape)} and input of shape "
+                f"{list(x.shape)}"
+            )
+    if channels % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got input "
+            f"of shape {list(x.shape)} and num_groups={num_groups}"
+        )
+
+
+def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:
+    """F.layer_norm's argument parsing: a sequence of ints (a torch.Size counts), else TypeError."""
+    if isinstance(normalized_shape, (int, torch.SymInt)) or not isinstance(
+        normalized_shape, (Sequence, torch.Size)
+    ):
+        raise TypeError(
+            "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, "
+            f"not {type(normalized_shape).__name__}"
+        )
+    for pos, item in enumerate(normalized_shape):
+        if not isinstance(item, (int, torch.SymInt)) or isinstance(item, bool):
+            raise TypeError(
+                "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, "
+                f"but found element of type {type(item).__name__} at pos {pos}"
+            )
+    return tuple(normalized_shape)
+
+
+def check_layer_norm_args(
+    x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
+) -> None:
+    """LayerNorm's shape rules: non-empty shape, matching params, matching trailing input dims."""
+    if len(shape) == 0:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
+            f"one element, but got normalized_shape = {list(shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of "
+                f"shape {list(t.shape)} and normalized_shape = {list(shape)}"
+            )
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        expected = "".join(f", {s}" for s in shape)
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*{expected}], "
+            f"but got input of size{list(x.shape)}"
+        )

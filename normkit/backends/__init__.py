@@ -1,0 +1,58 @@
+"""The single dispatch point between normkit.functional and the compute backends.
+
+`normkit.functional` calls `backend_for(x).normalize(...)`; a backend is a module exposing
+`name` and `normalize` with the contract of `normkit.backends.reference.normalize`.
+The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,
+or the environment variable ``NORMKIT_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+from torch import Tensor
+
+from normkit.backends import reference
+
+_BACKENDS: dict[str, ModuleType] = {reference.name: reference}
+_forced: str | None = None
+
+
+def available_backends() -> list[str]:
+    """Names accepted by `set_backend` / `use_backend`."""
+    return list(_BACKENDS)
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown normkit backend {name!r}; choose from {available_backends()}")
+
+
+def set_backend(name: str | None) -> None:
+    """Force every normkit op to use backend `name`; None restores automatic choice."""
+    global _forced
+    _check_name(name)
+    _forced = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of `set_backend`; restores the previous choice on exit."""
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def backend_for(x: Tensor) -> ModuleType:
+    """The backend that computes normalization of `x`."""
+    name = _forced or os.environ.get("NORMKIT_BACKEND") or None
+    if name is not None:
+        _check_name(name)
+        return _BACKENDS[name]
+    return reference

@@ -1,0 +1,125 @@
+"""Reference backend: normalization written in plain torch tensor ops.
+
+It runs on every device and dtype, and it is the oracle the fast backends are tested against.
+One primitive serves BatchNorm, InstanceNorm, GroupNorm and LayerNorm:
+
+    y = (x - mean) * rsqrt(var + eps) * weight + bias
+
+where `mean` / biased `var` are either taken over `dims` of `x` (batch statistics) or given
+(running statistics). Statistics are accumulated in float32 (float64 for float64 input) with a
+two-pass centred variance, so a large mean does not cancel the variance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normkit._layout import with_strides_of
+
+name = "reference"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 data, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_stats(xf: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over `dims` (keepdim), two-pass so large means do not cancel."""
+    mean = xf.mean(dims, keepdim=True)
+    var = (xf - mean).square().mean(dims, keepdim=True)
+    return mean, var
+
+
+def normalize_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dims: tuple[int, ...],
+    batch_stats_used: bool,
+    needs_dx: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of `normalize` w.r.t. (x, weight, bias), written in differentiable torch ops.
+
+    With batch statistics, xhat = (x - mean) * rstd and g = dy * weight:
+        dx = rstd * (g - mean_dims(g) - xhat * mean_dims(g * xhat))
+    With given (running) statistics, mean and rstd are constants: dx = g * rstd.
+    dweight = sum(dy * xhat) and dbias = sum(dy), summed along the dims weight is broadcast over.
+    """
+    acc = mean.dtype
+    dyf = dy.to(acc)
+    xhat = (x.to(acc) - mean) * rstd
+    dx = dw = db = None
+    if needs_dx:
+        g = dyf if weight is None else dyf * weight.to(acc)
+        if batch_stats_used:
+            g_mean = g.mean(dims, keepdim=True)
+            gx_mean = (g * xhat).mean(dims, keepdim=True)
+            dx = (g - g_mean - xhat * gx_mean) * rstd
+        else:
+            dx = g * rstd
+        dx = with_strides_of(dx.to(x.dtype), x)
+    if weight is not None:
+        dw = (dyf * xhat).sum_to_size(weight.shape).to(weight.dtype)
+    if bias is not None:
+        db = dyf.sum_to_size(bias.shape).to(bias.dtype)
+    return dx, dw, db
+
+
+class _Normalize(torch.autograd.Function):
+    """y = (x - mean) * rstd * weight + bias with a hand-derived, itself differentiable, backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, dims, eps):
+        acc = accumulation_dtype(x.dtype)
+        xf = x.to(acc)
+        batch_stats_used = mean is None
+        if batch_stats_used:
+            mean, var = batch_stats(xf, dims)
+        else:
+            mean, var = mean.to(acc), var.to(acc)
+        rstd = (var + eps).rsqrt()
+        y = (xf - mean) * rstd
+        if weight is not None:
+            y = y * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+        y = with_strides_of(y.to(x.dtype), x)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.dims, ctx.eps, ctx.batch_stats_used = dims, eps, batch_stats_used
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if ctx.batch_stats_used and torch.is_grad_enabled():
+            # Double backward: the statistics are functions of x, so rebuild them in the graph.
+            mean, var = batch_stats(x.to(mean.dtype), ctx.dims)
+            rstd = (var + ctx.eps).rsqrt()
+        dx, dw, db = normalize_backward(
+            dy, x, weight, bias, mean, rstd, ctx.dims, ctx.batch_stats_used, ctx.needs_input_grad[0]
+        )
+        return dx, dw, db, None, None, None, None
+
+
+def normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize dense `x` over `dims`; returns (y, mean, biased var), stats keepdim-shaped.
+
+    `weight` / `bias` are already shaped to broadcast against `x`. When `mean` and `var` are
+    given they are used instead of batch statistics and returned unchanged (upcast). `y` has the
+    dtype and the strides of `x`.
+    """
+    return _Normalize.apply(x, weight, bias, mean, var, dims, eps)

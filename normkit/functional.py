@@ -1,0 +1,260 @@
+"""normkit.functional: batch_norm, instance_norm, group_norm, layer_norm.
+
+Same signatures, results, running-statistics updates and errors as `torch.nn.functional`, but the
+arithmetic is normkit's: every op validates its arguments in torch's order, lays the input out as
+torch would, and hands one "normalize over these dims" call to the backend chosen by
+`normkit.backends.backend_for`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from normkit import _checks
+from normkit._layout import dense_in_suggested_format
+from normkit.backends import backend_for
+
+__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm"]
+
+
+def _channel_view(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-channel vector (C,) viewed as (1, C, 1, ...) to broadcast against x."""
+    if t is None:
+        return None
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
+    """Result for an input with no elements: an empty copy still tied to the parameters.
+
+    Tying it to the parameters gives them zero gradients (not None), as torch does.
+    """
+    out = input.clone()
+    for p in params:
+        if p is not None:
+            out = out + 0 * p.sum()
+    return out
+
+
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, float64 arithmetic.
+
+    NOTE: the running variance takes the unbiased estimate var * count / (count - 1), while the
+    normalization itself used the biased `var`.
+    """
+    with torch.no_grad():
+        unbiased = var.double() * (count / (count - 1)) if count > 1 else var.double()
+        for running, batch in ((running_mean, mean.double()), (running_var, unbiased)):
+            running.copy_(momentum * batch + (1.0 - momentum) * running.double())
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization over (N, *spatial) for each channel of an (N, C, *) input.
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, with batch statistics when `training`
+    (updating the running statistics in place if given) and running statistics otherwise.
+    """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm,
+            (input, running_mean, running_var, weight, bias),
+            input,
+            running_mean,
+            running_var,
+            weight=weight,
+            bias=bias,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+        )
+    if training:
+        _checks.verify_batch_size(input.size())
+    _checks.check_eps(eps, training)
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    _checks.check_running_pair(running_mean, running_var)
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    channels = input.shape[1]
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    _checks.check_per_channel_sizes(
+        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    _checks.check_running_stats_not_differentiable(running_mean, running_var)
+    _checks.check_dtypes("batch_norm", input, weight, bias, running_mean, running_var)
+
+    x = dense_in_suggested_format(input)
+    dims = (0,) + tuple(range(2, x.dim()))
+    use_running = not training
+    y, mean, var = backend_for(x).normalize(
+        x,
+        _channel_view(weight, x),
+        _channel_view(bias, x),
+        dims,
+        eps,
+        _channel_view(running_mean, x) if use_running else None,
+        _channel_view(running_var, x) if use_running else None,
+    )
+    if training and running_mean is not None:
+        count = input.numel() // channels
+        _update_running_stats(
+            running_mean, running_var, mean.view(-1), var.view(-1), count, momentum
+        )
+    return y
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance normalization: each (sample, channel) of an (N, C, *) input over its spatial dims.
+
+    With `use_input_stats` the running statistics (if given) move towards the batch-averaged
+    instance statistics; otherwise they are used to normalize.
+    """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            instance_norm,
+            (input, running_mean, running_var, weight, bias),
+            input,
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
+            use_input_stats=use_input_stats,
+            momentum=momentum,
+            eps=eps,
+        )
+    if use_input_stats:
+        _checks.verify_spatial_size(input.size())
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
+    _checks.check_running_pair(running_mean, running_var)
+    if input.numel() == 0:
+        return _empty_output(input, weight, bias)
+    batch, channels = input.shape[:2]
+    _checks.check_per_channel_sizes(
+        batch * channels,
+        scale=batch,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    _checks.check_running_stats_not_differentiable(running_mean, running_var)
+    _checks.check_dtypes("batch_norm", input, weight, bias, running_mean, running_var)
+
+    x = input.contiguous()
+    dims = tuple(range(2, x.dim()))
+    use_running = not use_input_stats
+    y, mean, var = backend_for(x).normalize(
+        x,
+        _channel_view(weight, x),
+        _channel_view(bias, x),
+        dims,
+        eps,
+        _channel_view(running_mean, x) if use_running else None,
+        _channel_view(running_var, x) if use_running else None,
+    )
+    if use_input_stats and running_mean is not None:
+        # NOTE: the running statistics follow the instance statistics averaged over the batch.
+        count = input.numel() // (batch * channels)
+        _update_running_stats(
+            running_mean,
+            running_var,
+            mean.view(batch, channels).mean(0),
+            var.view(batch, channels).mean(0),
+            count,
+            momentum,
+        )
+    return y
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group normalization: each sample's channels split into `num_groups` groups, each group
+    normalized over its channels and spatial dims, then a per-channel affine."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps
+        )
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}"
+        )
+    _checks.verify_batch_size(
+        [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])
+    )
+    _checks.check_group_norm_args(input, num_groups, weight, bias)
+    _checks.check_dtypes("GroupNormKernelImpl", input, weight, bias)
+
+    x = dense_in_suggested_format(input)
+    channels = x.shape[1]
+    grouped = x.unflatten(1, (num_groups, channels // num_groups))
+    param_shape = (1, num_groups, channels // num_groups) + (1,) * (x.dim() - 2)
+    y, _, _ = backend_for(x).normalize(
+        grouped,
+        None if weight is None else weight.view(param_shape),
+        None if bias is None else bias.view(param_shape),
+        tuple(range(2, grouped.dim())),
+        eps,
+    )
+    return y.flatten(1, 2)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the trailing `normalized_shape` dims, then an elementwise affine."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            layer_norm, (input, weight, bias), input, normalized_shape, weight=weight, bias=bias,
+            eps=eps,
+        )
+    shape = _checks.normalized_shape_tuple(normalized_shape)
+    _checks.check_layer_norm_args(input, shape, weight, bias)
+    _checks.check_dtypes("LayerNormKernelImpl", input, weight, bias)
+
+    x = input.contiguous()
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    y, _, _ = backend_for(x).normalize(x, weight, bias, dims, eps)
+    return y
