@@ -90,24 +90,24 @@ def check_per_channel_sizes(num_features: int, scale: int = 1, **tensors: Tensor
             )
 
 
-def check_dtypes(kernel: str, x: Tensor, *params: Tensor | None) -> None:
+def check_dtypes(kernel: str, x: Tensor, *params: Tensor | None, dispatch_first: bool) -> None:
     """torch's CPU dtype rules for (input, params...).
 
     Integer input is not implemented. Parameters either share the input's dtype, or (mixed mode)
     are all float32 while the input is float16/bfloat16. Whether the call is mixed is decided by
-    the first defined parameter, as torch does.
+    the first defined parameter, as torch does. BatchNorm rejects a non-float input before it
+    looks at parameters (`dispatch_first`); GroupNorm and LayerNorm check mixing first.
     """
-    if not x.is_floating_point():
-        raise NotImplementedError(f'"{kernel}" not implemented for \'{c10_name(x.dtype)}\'')
+    if dispatch_first:
+        _check_floating(kernel, x)
     defined = [p for p in params if p is not None]
-    if not defined:
-        return
-    if defined[0].dtype != x.dtype:
+    if defined and defined[0].dtype != x.dtype:
         if any(p.dtype != torch.float32 for p in defined):
             raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
         if x.dtype not in _REDUCED_FLOATS:
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         return
+    _check_floating(kernel, x)
     for p in defined:
         if p.dtype != x.dtype:
             raise RuntimeError(
@@ -115,23 +115,30 @@ def check_dtypes(kernel: str, x: Tensor, *params: Tensor | None) -> None:
             )
 
 
+def _check_floating(kernel: str, x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise NotImplementedError(f'"{kernel}" not implemented for \'{c10_name(x.dtype)}\'')
+
+
 def check_group_norm_args(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None):
-    """GroupNorm's shape rules: positive groups, per-channel vectors, divisible channels."""
+    """GroupNorm's shape rules: positive groups, divisible channels, per-channel vectors."""
     if num_groups <= 0:
         raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
     channels = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dim() != 1 or t.numel() != channels):
-            raise RuntimeError(
-                f"Expected {name} to be a vector of size equal to the number of channels in "
-                f"input, but got {name} of shape {list(t.shape)} and input of shape "
-                f"{list(x.shape)}"
-            )
     if channels % num_groups != 0:
         raise RuntimeError(
             "Expected number of channels in input to be divisible by num_groups, but got input "
             f"of shape {list(x.shape)} and num_groups={num_groups}"
         )
+    # NOTE: torch's bias message shows the *weight's* shape ([0] without weight); so do we.
+    weight_shape = list(weight.shape) if weight is not None else [0]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.numel() != channels):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {weight_shape} and input of shape "
+                f"{list(x.shape)}"
+            )
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple[int, ...]:

@@ -92,7 +92,8 @@ def batch_norm(
     _checks.check_eps(eps, training)
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
-    _checks.check_running_pair(running_mean, running_var)
+    if training:
+        _checks.check_running_pair(running_mean, running_var)
     if input.numel() == 0:
         return _empty_output(input, weight, bias)
     channels = input.shape[1]
@@ -103,7 +104,9 @@ def batch_norm(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     _checks.check_running_stats_not_differentiable(running_mean, running_var)
-    _checks.check_dtypes("batch_norm", input, weight, bias, running_mean, running_var)
+    _checks.check_dtypes(
+        "batch_norm", input, weight, bias, running_mean, running_var, dispatch_first=True
+    )
 
     x = dense_in_suggested_format(input)
     dims = (0,) + tuple(range(2, x.dim()))
@@ -172,7 +175,9 @@ def instance_norm(
         bias=bias,
     )
     _checks.check_running_stats_not_differentiable(running_mean, running_var)
-    _checks.check_dtypes("batch_norm", input, weight, bias, running_mean, running_var)
+    _checks.check_dtypes(
+        "batch_norm", input, weight, bias, running_mean, running_var, dispatch_first=True
+    )
 
     x = input.contiguous()
     dims = tuple(range(2, x.dim()))
@@ -221,7 +226,7 @@ def group_norm(
         [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])
     )
     _checks.check_group_norm_args(input, num_groups, weight, bias)
-    _checks.check_dtypes("GroupNormKernelImpl", input, weight, bias)
+    _checks.check_dtypes("GroupNormKernelImpl", input, weight, bias, dispatch_first=False)
 
     x = dense_in_suggested_format(input)
     channels = x.shape[1]
@@ -252,7 +257,7 @@ def layer_norm(
         )
     shape = _checks.normalized_shape_tuple(normalized_shape)
     _checks.check_layer_norm_args(input, shape, weight, bias)
-    _checks.check_dtypes("LayerNormKernelImpl", input, weight, bias)
+    _checks.check_dtypes("LayerNormKernelImpl", input, weight, bias, dispatch_first=False)
 
     x = input.contiguous()
     dims = tuple(range(x.dim() - len(shape), x.dim()))

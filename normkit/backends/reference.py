@@ -6,8 +6,9 @@ One primitive serves BatchNorm, InstanceNorm, GroupNorm and LayerNorm:
     y = (x - mean) * rsqrt(var + eps) * weight + bias
 
 where `mean` / biased `var` are either taken over `dims` of `x` (batch statistics) or given
-(running statistics). Statistics are accumulated in float32 (float64 for float64 input) with a
-two-pass centred variance, so a large mean does not cancel the variance.
+(running statistics). Being the oracle, it works in float64 for float32/float64 input (as torch's
+CPU kernels accumulate float32 in double) and in float32 for float16/bfloat16, with a two-pass
+centred variance, so neither a large mean's rounding nor E[x²]-E[x]² cancellation costs accuracy.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ name = "reference"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 data, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """float64 for float32/float64 data, float32 for float16/bfloat16."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def batch_stats(xf: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,10 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
             input.shape[1], running_mean=running_mean, running_var=running_var,
             weight=self.weight, bias=self.bias,
         )
-        _checks.check_dtypes("batch_norm", input, self.weight, self.bias, running_mean, running_var)
+        _checks.check_dtypes(
+            "batch_norm", input, self.weight, self.bias, running_mean, running_var,
+            dispatch_first=True,
+        )
         return SyncBatchNormFunction.apply(
             dense_in_suggested_format(input), self.weight, self.bias, running_mean, running_var,
             self.eps, factor, group, world,
