@@ -106,10 +106,11 @@ def test_module_error_inputs(info, training):
             m.train(training)
             return m(*_clone(fwd.args), **_clone(fwd.kwargs))
 
-        # Same type and message as torch (torch's own regexes assume training mode).
-        assert assert_same_exception(lambda: run(info.module_cls), lambda: run(nk_cls)) == "raise"
-        with pytest.raises(err.error_type):
-            run(nk_cls)
+        # Same outcome, type and message as torch. torch's own error inputs assume training
+        # mode (in eval, eps=0 is accepted), so torch decides what is expected.
+        outcome = assert_same_exception(lambda: run(info.module_cls), lambda: run(nk_cls))
+        if training:
+            assert outcome == "raise"
 
 
 @pytest.mark.parametrize("op", OP_INFOS, ids=lambda o: f"{o.name}.{o.variant_test_name}")
