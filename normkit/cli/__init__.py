@@ -1,0 +1,25 @@
+"""The `normkit` command line: `normkit check` (and the subcommands later issues add)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from normkit.cli import check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `normkit` script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
