@@ -42,17 +42,13 @@ class SyncBatchNorm(BatchNormForward, nn.SyncBatchNorm):
                 factor, self.eps,
             )
         _checks.check_eps(self.eps, True)
-        _checks.check_per_channel_sizes(
-            input.shape[1], running_mean=running_mean, running_var=running_var,
-            weight=self.weight, bias=self.bias,
-        )
         _checks.check_dtypes(
             "batch_norm", input, self.weight, self.bias, running_mean, running_var,
             dispatch_first=True,
         )
         return SyncBatchNormFunction.apply(
             dense_in_suggested_format(input), self.weight, self.bias, running_mean, running_var,
-            self.eps, factor, group, world,
+            self.eps, factor, group, world, self.num_features,
         )
 
     @classmethod
