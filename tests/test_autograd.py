@@ -6,6 +6,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import normkit.functional as nF
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _t(*shape, positive=False):
     t = torch.randn(*shape, dtype=torch.float64)

@@ -5,6 +5,8 @@ import torch
 
 from parity import NORMKIT, TORCH, assert_same_exception, compare_modules
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def x(*shape, dtype=torch.float32):
     return torch.arange(float(torch.Size(shape).numel())).reshape(shape).sin().to(dtype)

@@ -7,6 +7,8 @@ import torch
 
 from parity import float64_oracle, make_pair, run_steps
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 SHAPES = {
     "BatchNorm1d": [(6, 4), (5, 4, 7)],
     "BatchNorm2d": [(4, 3, 5, 6)],

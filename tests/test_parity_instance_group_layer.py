@@ -7,6 +7,8 @@ import torch
 
 from parity import float64_oracle, make_pair, run_steps
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 

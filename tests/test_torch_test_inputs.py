@@ -9,6 +9,8 @@ import normkit
 import normkit.functional as nF
 from parity import assert_matches, assert_same_exception
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 NAMES = {
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
     "LazyBatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm1d",

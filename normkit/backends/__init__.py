@@ -1,7 +1,9 @@
 """The single dispatch point between normkit.functional and the compute backends.
 
 `normkit.functional` calls `backend_for(x).normalize(...)`; a backend is a module exposing
-`name` and `normalize` with the contract of `normkit.backends.reference.normalize`.
+`name` and `normalize` with the contract of `normkit.backends.reference.normalize` (a backend
+hands calls it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels) for
+CPU tensors when numba imports, else `reference`.
 The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,
 or the environment variable ``NORMKIT_BACKEND``.
 """
@@ -15,9 +17,9 @@ from types import ModuleType
 
 from torch import Tensor
 
-from normkit.backends import reference
+from normkit.backends import cpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {reference.name: reference}
+_BACKENDS: dict[str, ModuleType] = {reference.name: reference, cpu.name: cpu}
 _forced: str | None = None
 
 
@@ -55,4 +57,6 @@ def backend_for(x: Tensor) -> ModuleType:
     if name is not None:
         _check_name(name)
         return _BACKENDS[name]
+    if x.device.type == "cpu" and cpu.is_available():
+        return cpu
     return reference

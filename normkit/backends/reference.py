@@ -71,6 +71,18 @@ def normalize_backward(
     return dx, dw, db
 
 
+def differentiable_backward(dy, x, weight, bias, mean, rstd, dims, eps, batch_stats_used, needs_dx):
+    """`normalize_backward`, also correct under create_graph=True (double backward).
+
+    With grad mode on and batch statistics, the statistics are rebuilt from x inside the graph,
+    since they are functions of x; mean / rstd are keepdim-shaped.
+    """
+    if batch_stats_used and torch.is_grad_enabled():
+        mean, var = batch_stats(x.to(mean.dtype), dims)
+        rstd = (var + eps).rsqrt()
+    return normalize_backward(dy, x, weight, bias, mean, rstd, dims, batch_stats_used, needs_dx)
+
+
 class _Normalize(torch.autograd.Function):
     """y = (x - mean) * rstd * weight + bias with a hand-derived, itself differentiable, backward."""
 
@@ -98,12 +110,9 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        if ctx.batch_stats_used and torch.is_grad_enabled():
-            # Double backward: the statistics are functions of x, so rebuild them in the graph.
-            mean, var = batch_stats(x.to(mean.dtype), ctx.dims)
-            rstd = (var + ctx.eps).rsqrt()
-        dx, dw, db = normalize_backward(
-            dy, x, weight, bias, mean, rstd, ctx.dims, ctx.batch_stats_used, ctx.needs_input_grad[0]
+        dx, dw, db = differentiable_backward(
+            dy, x, weight, bias, mean, rstd, ctx.dims, ctx.eps, ctx.batch_stats_used,
+            ctx.needs_input_grad[0],
         )
         return dx, dw, db, None, None, None, None
 
