@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from normkit._layout import with_strides_of
-from normkit.backends import reference
+from normkit.backends import cpu_buffers, reference
 from normkit.backends.cpu_plan import Plan, plan_for
 
 name = "cpu"
@@ -56,7 +56,7 @@ def _forward(plan: Plan, x: Tensor, w: Tensor, b: Tensor, eps: float,
              mean: Tensor | None, rstd: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y and per-item (mean, biased var, rstd) float64 vectors of length plan.M."""
     k = _kernels()
-    y = torch.empty_like(x)
+    y = cpu_buffers.empty_like(x)
     xv, yv = _np(plan.memory_view(x)), _np(plan.memory_view(y))
     given = mean is not None
     if not given:
@@ -91,7 +91,7 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, w: Tensor, mean: Tensor, rstd: 
     k = _kernels()
     dy = with_strides_of(dy, x)
     xv, dyv = _np(plan.memory_view(x)), _np(plan.memory_view(dy))
-    dx = torch.empty_like(x) if need_dx else None
+    dx = cpu_buffers.empty_like(x) if need_dx else None
     if plan.kind == "cols":
         blocks = _blocks(plan.A)
         sdy = torch.empty(blocks, plan.M, dtype=torch.float64)
