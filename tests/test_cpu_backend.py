@@ -62,8 +62,7 @@ def test_kernels_match_reference(call, layout, dtype, affine):
         b = None if b0 is None else b0.clone().requires_grad_()
         with normkit.use_backend(name):
             y = CALLS[call](x, w, b)
-        # GroupNorm on channels_last has no kernel yet: it is served by the reference.
-        if name == "cpu" and not (call == "gn" and layout.endswith("_cl")):
+        if name == "cpu":
             assert _kernel_ran(y), f"{call} on {layout} fell back to the reference"
         y.backward(torch.cos(torch.arange(y.numel(), dtype=dtype)).view_as(y))
         outs.append((y, x.grad, None if w is None else w.grad, None if b is None else b.grad))
@@ -98,6 +97,8 @@ def test_low_precision_uses_reference():
         ((8, 16), (1,), (1, 16), "rows"),
         ((8, 3, 4), (2,), None, "mid"),
         ((8, 3, 4), (1,), (1, 1, 4), None),
+        ((8, 2, 3, 4, 5), (2, 3, 4), (1, 2, 3, 1, 1), "mid"),
+
     ],
 )
 def test_plans(shape, dims, param, kind):
@@ -141,3 +142,10 @@ def test_double_backward_through_cpu_kernels():
     fn = lambda x, w, b: nF.batch_norm(x, None, None, w, b, True)  # noqa: E731
     assert _kernel_ran(fn(x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_group_norm_channels_last_plan():
+    x = torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)
+    grouped = x.unflatten(1, (3, 2))
+    plan = plan_for(grouped, (2, 3, 4), (1, 3, 2, 1, 1))
+    assert plan.kind == "nsc" and plan.memory_view(grouped).shape == (2, 20, 3, 2)

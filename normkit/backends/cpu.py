@@ -2,12 +2,14 @@
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Calls the kernels do not
 cover (other dtypes or devices, layouts without a plan, empty tensors) are handed to the
-reference backend. First-order backward runs in the kernels; under create_graph=True the
-differentiable reference backward is used, so double backward still works.
+reference backend. When no gradient is needed the kernels are called directly; otherwise
+through an autograd Function whose first-order backward runs in the kernels and whose
+create_graph=True backward is the differentiable reference one, so double backward works.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,6 +21,8 @@ name = "cpu"
 
 _DTYPES = (torch.float32, torch.float64)
 _BLOCKS = 64  # fixed number of row blocks for partial sums: results never depend on threads
+SERIAL_BELOW = 1 << 16  # elements; smaller calls skip the thread pool
+_NO_PARAM = {1: np.ones(1), 2: np.ones((1, 1))}
 
 
 def is_available() -> bool:
@@ -30,94 +34,82 @@ def is_available() -> bool:
     return True
 
 
-def _kernels():
+def _kernels(numel: int):
     from normkit.backends import cpu_kernels
 
-    return cpu_kernels
+    return cpu_kernels.serial if numel < SERIAL_BELOW else cpu_kernels.parallel
 
 
-def _np(t: Tensor):
-    return t.detach().numpy()
-
-
-def _affine_arrays(plan: Plan, weight: Tensor | None, bias: Tensor | None):
-    """weight / bias as float64 arrays of the plan's affine shape (ones / zeros when None)."""
-    shape = {"mid": (plan.Wm, plan.J), "rows": (plan.J,), "cols": (plan.M,)}[plan.kind]
-    w = torch.ones(shape, dtype=torch.float64) if weight is None else weight.detach().reshape(shape).double()
-    b = torch.zeros(shape, dtype=torch.float64) if bias is None else bias.detach().reshape(shape).double()
-    return w.contiguous(), b.contiguous()
+def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A parameter as a numpy array of the plan's shape (a placeholder when None)."""
+    if t is None:
+        return _NO_PARAM[len(shape)]
+    if t.dtype not in _DTYPES:
+        t = t.double()
+    return t.detach().reshape(shape).numpy()
 
 
 def _blocks(rows: int) -> int:
     return max(1, min(rows, _BLOCKS))
 
 
-def _forward(plan: Plan, x: Tensor, w: Tensor, b: Tensor, eps: float,
-             mean: Tensor | None, rstd: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y and per-item (mean, biased var, rstd) float64 vectors of length plan.M."""
-    k = _kernels()
+def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tensor, Tensor]:
+    """(y, stats) where stats is float64 (3, items): mean, biased var, rstd per item."""
+    k = _kernels(x.numel())
     y = cpu_buffers.empty_like(x)
-    xv, yv = _np(plan.memory_view(x)), _np(plan.memory_view(y))
-    given = mean is not None
-    if not given:
-        mean = torch.empty(plan.M, dtype=torch.float64)
-        rstd = torch.empty(plan.M, dtype=torch.float64)
-    var = torch.empty(plan.M, dtype=torch.float64)
-    if plan.kind == "cols":
-        if not given:
-            shift = xv[0].astype("float64")
-            s1 = torch.empty(_blocks(plan.A), plan.M, dtype=torch.float64)
-            s2 = torch.empty_like(s1)
-            k.cols_sums(xv, shift, _np(s1), _np(s2))
-            s1, s2 = s1.sum(0), s2.sum(0)
-            mu = s1 / plan.A
-            var = ((s2 - s1 * mu) / plan.A).clamp(min=0)
-            mean = torch.from_numpy(shift) + mu
-            rstd = (var + eps).rsqrt()
-        alpha = rstd * w
-        k.cols_affine(xv, _np(alpha), _np(b - mean * alpha), yv, _blocks(plan.A))
-    elif plan.kind == "rows":
-        k.rows_forward_train(xv, _np(w), _np(b), eps, yv, _np(mean), _np(var), _np(rstd))
-    elif given:
-        k.mid_forward_given(xv, _np(w), _np(b), _np(mean), _np(rstd), yv)
+    stats = np.empty((3, plan.items))
+    xv, yv = plan.memory_view(x).numpy(), plan.memory_view(y).numpy()
+    w, b = _array(weight, plan.weight_shape), _array(bias, plan.weight_shape)
+    flags = (weight is not None, bias is not None)
+    if mean is not None:
+        m, v = _array(mean, (mean.numel(),)), _array(var, (var.numel(),))
+        if plan.kind == "cols":
+            k.cols_forward_given(xv, w, b, *flags, m, v, eps, yv, stats, _blocks(plan.A))
+        else:
+            k.mid_forward_given(xv, w, b, *flags, m, v, eps, yv, stats)
+    elif plan.kind == "cols":
+        k.cols_forward_train(xv, w, b, *flags, eps, yv, stats, _blocks(plan.A))
     else:
-        k.mid_forward_train(xv, _np(w), _np(b), eps, yv, _np(mean), _np(var), _np(rstd))
-    return y, mean, var, rstd
+        kernel = {"mid": k.mid_forward_train, "rows": k.rows_forward_train,
+                  "nsc": k.nsc_forward_train}[plan.kind]
+        kernel(xv, w, b, *flags, eps, yv, stats)
+    return y, torch.from_numpy(stats)
 
 
-def _backward(plan: Plan, x: Tensor, dy: Tensor, w: Tensor, mean: Tensor, rstd: Tensor,
+def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
               batch_stats: bool, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx, dw, db) with dw / db in the plan's affine shape (float64)."""
-    k = _kernels()
+    """(dx, dw, db) with dw / db float64 in the plan's weight shape."""
+    k = _kernels(x.numel())
     dy = with_strides_of(dy, x)
-    xv, dyv = _np(plan.memory_view(x)), _np(plan.memory_view(dy))
+    xv, dyv = plan.memory_view(x).numpy(), plan.memory_view(dy).numpy()
     dx = cpu_buffers.empty_like(x) if need_dx else None
+    dxv = plan.memory_view(dx).numpy() if need_dx else xv[:0]
+    w, has_w, st = _array(weight, plan.weight_shape), weight is not None, stats.numpy()
     if plan.kind == "cols":
-        blocks = _blocks(plan.A)
-        sdy = torch.empty(blocks, plan.M, dtype=torch.float64)
-        sdyx = torch.empty_like(sdy)
-        k.cols_grad_sums(xv, dyv, _np(mean), _np(sdy), _np(sdyx))
-        sdy, sdyx = sdy.sum(0), sdyx.sum(0)
-        if need_dx:
-            p = rstd * w
-            q = -p * rstd * rstd * sdyx / plan.A if batch_stats else torch.zeros_like(p)
-            z = (-p * sdy / plan.A if batch_stats else torch.zeros_like(p)) - q * mean
-            k.cols_affine2(xv, dyv, _np(p), _np(q), _np(z), _np(plan.memory_view(dx)), blocks)
-        return dx, sdyx * rstd, sdy
-    if plan.kind == "rows":
-        blocks = _blocks(plan.M)
-        dw = torch.zeros(blocks, plan.J, dtype=torch.float64)
-        db = torch.zeros_like(dw)
-        dxv = _np(plan.memory_view(dx)) if need_dx else xv[:0]
-        k.rows_backward(xv, dyv, _np(w), _np(mean), _np(rstd), need_dx, dxv, _np(dw), _np(db))
-        return dx, dw.sum(0), db.sum(0)
-    dw = torch.empty(plan.M, plan.J, dtype=torch.float64)
-    db = torch.empty_like(dw)
-    dxv = _np(plan.memory_view(dx)) if need_dx else xv[:0]
-    k.mid_backward(xv, dyv, _np(w), _np(mean), _np(rstd), batch_stats, need_dx, dxv,
-                   _np(dw), _np(db))
-    # Items sharing an affine row (m % Wm) are summed in a fixed order.
-    return dx, dw.view(-1, plan.Wm, plan.J).sum(0), db.view(-1, plan.Wm, plan.J).sum(0)
+        dw, db = np.empty(plan.M), np.empty(plan.M)
+        k.cols_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw, db, _blocks(plan.A))
+    elif plan.kind == "rows":
+        dw_part = np.empty((_blocks(plan.M), plan.J))
+        db_part = np.empty_like(dw_part)
+        k.rows_backward(xv, dyv, w, has_w, st, need_dx, dxv, dw_part, db_part)
+        dw, db = dw_part.sum(0), db_part.sum(0)
+    elif plan.kind == "nsc":
+        dw_part = np.empty((plan.A, plan.Wm, plan.J))
+        db_part = np.empty_like(dw_part)
+        k.nsc_backward(xv, dyv, w, has_w, st, need_dx, dxv, dw_part, db_part)
+        dw, db = dw_part.sum(0), db_part.sum(0)
+    else:
+        dw_part = np.empty((plan.M, plan.J))
+        db_part = np.empty_like(dw_part)
+        k.mid_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
+        # Items sharing an affine row (m % Wm) are summed in a fixed order.
+        dw = dw_part.reshape(-1, plan.Wm, plan.J).sum(0)
+        db = db_part.reshape(-1, plan.Wm, plan.J).sum(0)
+    return dx, torch.from_numpy(dw), torch.from_numpy(db)
+
+
+def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
+    return [1 if i in dims else n for i, n in enumerate(x.shape)]
 
 
 class _CpuNormalize(torch.autograd.Function):
@@ -125,38 +117,36 @@ class _CpuNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, dims, eps, plan):
-        batch_stats = mean is None
-        w, b = _affine_arrays(plan, weight, bias)
-        stat_shape = [1 if i in dims else n for i, n in enumerate(x.shape)]
-        given_mean = given_rstd = None
-        if not batch_stats:  # broadcast statistics (e.g. per channel) expanded to one per item
-            given_mean = mean.detach().double().expand(stat_shape).reshape(-1)
-            given_rstd = (var.detach().double().expand(stat_shape).reshape(-1) + eps).rsqrt()
-        y, mean_v, var_v, rstd_v = _forward(plan, x, w, b, eps, given_mean, given_rstd)
-        ctx.save_for_backward(x, weight, bias, mean_v, rstd_v)
-        ctx.dims, ctx.eps, ctx.plan, ctx.batch_stats, ctx.stat_shape = (
-            dims, eps, plan, batch_stats, stat_shape)
-        mean_out = mean_v.view(stat_shape) if batch_stats else mean
-        var_out = var_v.view(stat_shape) if batch_stats else var
+        y, stats = _forward(plan, x, weight, bias, eps, mean, var)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.dims, ctx.eps, ctx.plan, ctx.batch_stats = dims, eps, plan, mean is None
+        mean_out, var_out = _stats_outputs(stats, x, dims, mean, var)
         ctx.mark_non_differentiable(mean_out, var_out)
         return y, mean_out, var_out
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, bias, mean_v, rstd_v = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
-            shape = ctx.stat_shape
+            shape = _stat_shape(x, ctx.dims)
             dx, dw, db = reference.differentiable_backward(
-                dy, x, weight, bias, mean_v.view(shape), rstd_v.view(shape), ctx.dims, ctx.eps,
-                ctx.batch_stats, need_dx,
+                dy, x, weight, bias, stats[0].view(shape), stats[2].view(shape), ctx.dims,
+                ctx.eps, ctx.batch_stats, need_dx,
             )
             return dx, dw, db, None, None, None, None, None
-        w, _ = _affine_arrays(ctx.plan, weight, None)
-        dx, dw, db = _backward(ctx.plan, x, dy, w, mean_v, rstd_v, ctx.batch_stats, need_dx)
+        dx, dw, db = _backward(ctx.plan, x, dy, weight, stats, ctx.batch_stats, need_dx)
         dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
         db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
         return dx, dw, db, None, None, None, None, None
+
+
+def _stats_outputs(stats: Tensor, x: Tensor, dims, mean, var) -> tuple[Tensor, Tensor]:
+    """Batch statistics keepdim-shaped (the given ones when statistics were given)."""
+    if mean is not None:
+        return mean, var
+    shape = _stat_shape(x, dims)
+    return stats[0].view(shape), stats[1].view(shape)
 
 
 def normalize(
@@ -169,20 +159,29 @@ def normalize(
     var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`reference.normalize`, on the numba kernels when a plan covers the call."""
-    plan = None
-    if x.device.type == "cpu" and x.dtype in _DTYPES and not _other_device(weight, bias, mean):
-        param = weight if weight is not None else bias
-        param_shape = None
-        if param is not None:  # right-aligned broadcast shape, as long as x's
-            param_shape = (1,) * (x.dim() - param.dim()) + tuple(param.shape)
-        plan = plan_for(x, dims, param_shape)
-        if plan is not None and plan.kind == "rows" and mean is not None:
-            plan = None  # no op normalizes rows with given statistics; the reference can
+    plan = _plan(x, weight, bias, dims, mean)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var)
-    return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan)
+    y, stats = _forward(plan, x, weight, bias, eps, mean, var)
+    return (y, *_stats_outputs(stats, x, dims, mean, var))
 
 
-def _other_device(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.device.type != "cpu" for t in tensors)
-
+def _plan(x, weight, bias, dims, mean) -> Plan | None:
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return None
+    param = weight if weight is not None else bias
+    param_shape = None
+    if param is not None:
+        if param.device.type != "cpu":
+            return None
+        param_shape = (1,) * (x.dim() - param.dim()) + tuple(param.shape)
+    plan = plan_for(x, dims, param_shape)
+    if plan is None or (mean is not None and (
+            plan.kind not in ("mid", "cols") or mean.device.type != "cpu")):
+        return None  # no op normalizes rows / grouped channels_last with given statistics
+    return plan

@@ -1,44 +1,48 @@
 """numba kernels of the CPU backend (fp32/fp64 data, fp64 accumulation).
 
-Three memory shapes cover every op (see `normkit.backends.cpu_plan`):
+Four memory shapes cover every op (see `normkit.backends.cpu_plan`):
 - mid  (A, M, J, S): statistics per m over (a, j, s); affine per (m % Wm, j). BatchNorm NCHW
   (A=N, M=C), InstanceNorm (M=N*C), GroupNorm NCHW (M=N*G, J=C/G).
 - rows (R, K): statistics per row, affine per column (LayerNorm).
-- cols (R, C): statistics per column over rows, affine per column (BatchNorm channels_last / 2D).
+- cols (R, C): statistics per column over all rows (BatchNorm channels_last / 2D input).
+- nsc  (N, S, G, Cg): statistics per (n, g) over (s, cg) (GroupNorm channels_last).
 
-Statistics are single-pass shifted sums in float64 (shift = the first element, so no
-E[x²]-E[x]² cancellation); a mid/rows item is normalized right after its statistics, while its
-data is still in cache. Reductions run in a fixed order (prange only splits independent items,
-and block partials are summed in block order), so results are bitwise reproducible and do not
-depend on the thread count. `fastmath` is limited to reassociation/contraction (no NaN/Inf
+Statistics are single-pass shifted sums in float64 (shift = the item's first element, so no
+E[x²]-E[x]² cancellation); a mid/rows/nsc item is normalized right after its statistics, while
+its data is still in cache. Reductions run in a fixed order (prange only splits independent
+items; block partials are merged in block order), so results are bitwise reproducible and do
+not depend on the thread count. `fastmath` is limited to reassociation/contraction (no NaN/Inf
 assumptions), which lets LLVM vectorize the sums.
+
+Every kernel exists twice: `parallel` (prange over threads) and `serial` (for small tensors,
+where waking the thread pool costs more than the work). Statistics are returned in a (3, M)
+float64 array: mean, biased variance, 1/sqrt(var + eps).
 """
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 from numba import njit, prange
 
 FASTMATH = {"reassoc", "contract"}
-JIT = dict(cache=True, fastmath=FASTMATH, nogil=True)
 
 
-@njit(inline="always", **JIT)
-def _finish_stats(s1, s2, shift, count, eps):
-    """(mean, biased var, rstd) from shifted sums s1 = Σ(x-shift), s2 = Σ(x-shift)²."""
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def _finish(s1, s2, shift, count, eps, stats, m):
+    """Store (mean, biased var, rstd) of item m from shifted sums Σ(x-shift), Σ(x-shift)²."""
     mu = s1 / count
     var = (s2 - s1 * mu) / count
     if var < 0.0:
         var = 0.0
-    return shift + mu, var, 1.0 / np.sqrt(var + eps)
+    stats[0, m] = shift + mu
+    stats[1, m] = var
+    stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
-# ---------------------------------------------------------------- mid: (A, M, J, S)
-
-
-@njit(parallel=True, **JIT)
-def mid_forward_train(x, w, b, eps, y, mean_out, var_out, rstd_out):
-    """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j], stats over (a, j, s)."""
+def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
+    """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j]; stats over (a, j, s)."""
     n_a, n_m, n_j, n_s = x.shape
     n_w = w.shape[0]
     count = n_a * n_j * n_s
@@ -52,36 +56,40 @@ def mid_forward_train(x, w, b, eps, y, mean_out, var_out, rstd_out):
                     d = np.float64(x[a, m, j, s]) - shift
                     s1 += d
                     s2 += d * d
-        mean, var, rstd = _finish_stats(s1, s2, shift, count, eps)
-        mean_out[m] = mean
-        var_out[m] = var
-        rstd_out[m] = rstd
+        _finish(s1, s2, shift, count, eps, stats, m)
+        mean = stats[0, m]
+        rstd = stats[2, m]
         k = m % n_w
         for a in range(n_a):
             for j in range(n_j):
-                alpha = rstd * w[k, j]
-                beta = b[k, j] - mean * alpha
+                alpha = rstd * w[k, j] if has_w else rstd
+                beta = (b[k, j] if has_b else 0.0) - mean * alpha
                 for s in range(n_s):
                     y[a, m, j, s] = x[a, m, j, s] * alpha + beta
 
 
-@njit(parallel=True, **JIT)
-def mid_forward_given(x, w, b, mean, rstd, y):
-    """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j] with given statistics."""
+def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
+    """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean))."""
     n_a, n_m, n_j, n_s = x.shape
     n_w = w.shape[0]
+    n_stat = mean.shape[0]
     for m in prange(n_m):
+        mu = np.float64(mean[m % n_stat])
+        v = np.float64(var[m % n_stat])
+        rstd = 1.0 / np.sqrt(v + eps)
+        stats[0, m] = mu
+        stats[1, m] = v
+        stats[2, m] = rstd
         k = m % n_w
         for a in range(n_a):
             for j in range(n_j):
-                alpha = rstd[m] * w[k, j]
-                beta = b[k, j] - mean[m] * alpha
+                alpha = rstd * w[k, j] if has_w else rstd
+                beta = (b[k, j] if has_b else 0.0) - mu * alpha
                 for s in range(n_s):
                     y[a, m, j, s] = x[a, m, j, s] * alpha + beta
 
 
-@njit(parallel=True, **JIT)
-def mid_backward(x, dy, w, mean, rstd, batch_stats, need_dx, dx, dw_part, db_part):
+def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
     """Per m: dw_part[m, j] = Σ dy·xhat, db_part[m, j] = Σ dy, and (need_dx) the input grad.
 
     With batch statistics dx = rstd·(g - mean(g) - xhat·mean(g·xhat)), g = dy·w; otherwise
@@ -91,8 +99,8 @@ def mid_backward(x, dy, w, mean, rstd, batch_stats, need_dx, dx, dw_part, db_par
     n_w = w.shape[0]
     count = n_a * n_j * n_s
     for m in prange(n_m):
-        mu = mean[m]
-        r = rstd[m]
+        mu = stats[0, m]
+        r = stats[2, m]
         k = m % n_w
         sum_g = 0.0
         sum_gx = 0.0
@@ -106,8 +114,9 @@ def mid_backward(x, dy, w, mean, rstd, batch_stats, need_dx, dx, dw_part, db_par
                     sdyx += d * (np.float64(x[a, m, j, s]) - mu)
             dw_part[m, j] = sdyx * r
             db_part[m, j] = sdy
-            sum_g += sdy * w[k, j]
-            sum_gx += sdyx * r * w[k, j]
+            wj = w[k, j] if has_w else 1.0
+            sum_g += sdy * wj
+            sum_gx += sdyx * r * wj
         if need_dx:
             c_mean = sum_g / count if batch_stats else 0.0
             c_x = sum_gx / count * r if batch_stats else 0.0
@@ -115,16 +124,12 @@ def mid_backward(x, dy, w, mean, rstd, batch_stats, need_dx, dx, dw_part, db_par
             z = -r * c_mean - q * mu
             for a in range(n_a):
                 for j in range(n_j):
-                    p = r * w[k, j]
+                    p = r * w[k, j] if has_w else r
                     for s in range(n_s):
                         dx[a, m, j, s] = dy[a, m, j, s] * p + x[a, m, j, s] * q + z
 
 
-# ---------------------------------------------------------------- rows: (R, K)
-
-
-@njit(parallel=True, **JIT)
-def rows_forward_train(x, w, b, eps, y, mean_out, var_out, rstd_out):
+def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats):
     """Per row r: y = (x - mean[r]) * rstd[r] * w[k] + b[k]."""
     n_r, n_k = x.shape
     for r in prange(n_r):
@@ -135,32 +140,34 @@ def rows_forward_train(x, w, b, eps, y, mean_out, var_out, rstd_out):
             d = np.float64(x[r, k]) - shift
             s1 += d
             s2 += d * d
-        mean, var, rstd = _finish_stats(s1, s2, shift, n_k, eps)
-        mean_out[r] = mean
-        var_out[r] = var
-        rstd_out[r] = rstd
+        _finish(s1, s2, shift, n_k, eps, stats, r)
+        mean = stats[0, r]
+        rstd = stats[2, r]
         for k in range(n_k):
-            y[r, k] = (x[r, k] - mean) * rstd * w[k] + b[k]
+            wk = w[k] if has_w else 1.0
+            bk = b[k] if has_b else 0.0
+            y[r, k] = (x[r, k] - mean) * (rstd * wk) + bk
 
 
-@njit(parallel=True, **JIT)
-def rows_backward(x, dy, w, mean, rstd, need_dx, dx, dw_part, db_part):
+def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
     """Row-wise backward; dw/db partial sums per block of rows (dw_part.shape[0] blocks)."""
     n_r, n_k = x.shape
     n_blocks = dw_part.shape[0]
     per_block = (n_r + n_blocks - 1) // n_blocks
     for blk in prange(n_blocks):
+        dwb = np.zeros(n_k)
+        dbb = np.zeros(n_k)
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            mu = mean[r]
-            rs = rstd[r]
+            mu = stats[0, r]
+            rs = stats[2, r]
             sum_g = 0.0
             sum_gx = 0.0
             for k in range(n_k):
                 d = np.float64(dy[r, k])
                 xh = (np.float64(x[r, k]) - mu) * rs
-                dw_part[blk, k] += d * xh
-                db_part[blk, k] += d
-                g = d * w[k]
+                dwb[k] += d * xh
+                dbb[k] += d
+                g = d * w[k] if has_w else d
                 sum_g += g
                 sum_gx += g * xh
             if need_dx:
@@ -168,52 +175,55 @@ def rows_backward(x, dy, w, mean, rstd, need_dx, dx, dw_part, db_part):
                 c_x = sum_gx / n_k
                 for k in range(n_k):
                     xh = (np.float64(x[r, k]) - mu) * rs
-                    dx[r, k] = (dy[r, k] * w[k] - c_mean - xh * c_x) * rs
+                    g = dy[r, k] * w[k] if has_w else np.float64(dy[r, k])
+                    dx[r, k] = (g - c_mean - xh * c_x) * rs
+        dw_part[blk] = dwb
+        db_part[blk] = dbb
 
 
-# ---------------------------------------------------------------- cols: (R, C)
-
-
-@njit(parallel=True, **JIT)
-def cols_sums(x, shift, s1_part, s2_part):
-    """Per block of rows: Σ(x-shift[c]) and Σ(x-shift[c])² for every column c."""
+def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
+    """Per column c over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
     n_r, n_c = x.shape
-    n_blocks = s1_part.shape[0]
     per_block = (n_r + n_blocks - 1) // n_blocks
+    s1_part = np.zeros((n_blocks, n_c))
+    s2_part = np.zeros((n_blocks, n_c))
+    shift = np.empty(n_c)
+    for c in range(n_c):
+        shift[c] = x[0, c]
     for blk in prange(n_blocks):
-        s1 = np.zeros(n_c)
-        s2 = np.zeros(n_c)
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             for c in range(n_c):
                 d = np.float64(x[r, c]) - shift[c]
-                s1[c] += d
-                s2[c] += d * d
-        s1_part[blk] = s1
-        s2_part[blk] = s2
-
-
-@njit(parallel=True, **JIT)
-def cols_grad_sums(x, dy, mean, sdy_part, sdyx_part):
-    """Per block of rows: Σdy and Σdy·(x - mean[c]) for every column c."""
-    n_r, n_c = x.shape
-    n_blocks = sdy_part.shape[0]
-    per_block = (n_r + n_blocks - 1) // n_blocks
+                s1_part[blk, c] += d
+                s2_part[blk, c] += d * d
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    for c in range(n_c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(n_blocks):
+            s1 += s1_part[blk, c]
+            s2 += s2_part[blk, c]
+        _finish(s1, s2, shift[c], n_r, eps, stats, c)
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
     for blk in prange(n_blocks):
-        s1 = np.zeros(n_c)
-        s2 = np.zeros(n_c)
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             for c in range(n_c):
-                d = np.float64(dy[r, c])
-                s1[c] += d
-                s2[c] += d * (np.float64(x[r, c]) - mean[c])
-        sdy_part[blk] = s1
-        sdyx_part[blk] = s2
+                y[r, c] = x[r, c] * alpha[c] + beta[c]
 
 
-@njit(parallel=True, **JIT)
-def cols_affine(x, alpha, beta, y, n_blocks):
-    """y[r, c] = x[r, c] * alpha[c] + beta[c]."""
+def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks):
+    """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
     n_r, n_c = x.shape
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    for c in range(n_c):
+        stats[0, c] = mean[c]
+        stats[1, c] = var[c]
+        stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
     per_block = (n_r + n_blocks - 1) // n_blocks
     for blk in prange(n_blocks):
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
@@ -221,12 +231,122 @@ def cols_affine(x, alpha, beta, y, n_blocks):
                 y[r, c] = x[r, c] * alpha[c] + beta[c]
 
 
-@njit(parallel=True, **JIT)
-def cols_affine2(x, dy, p, q, z, dx, n_blocks):
-    """dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]."""
+def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks):
+    """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy, and (need_dx) the input grad."""
     n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
+    s1_part = np.zeros((n_blocks, n_c))
+    s2_part = np.zeros((n_blocks, n_c))
     for blk in prange(n_blocks):
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             for c in range(n_c):
-                dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
+                d = np.float64(dy[r, c])
+                s1_part[blk, c] += d
+                s2_part[blk, c] += d * (np.float64(x[r, c]) - stats[0, c])
+    p = np.empty(n_c)
+    q = np.empty(n_c)
+    z = np.empty(n_c)
+    for c in range(n_c):
+        sdy = 0.0
+        sdyx = 0.0
+        for blk in range(n_blocks):
+            sdy += s1_part[blk, c]
+            sdyx += s2_part[blk, c]
+        r = stats[2, c]
+        dw[c] = sdyx * r
+        db[c] = sdy
+        p[c] = r * w[c] if has_w else r
+        q[c] = -p[c] * r * r * sdyx / n_r if batch_stats else 0.0
+        z[c] = (-p[c] * sdy / n_r if batch_stats else 0.0) - q[c] * stats[0, c]
+    if need_dx:
+        for blk in prange(n_blocks):
+            for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+                for c in range(n_c):
+                    dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
+
+
+def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats):
+    """Per (n, g) over (s, cg): y = (x - mean) * rstd * w[g, cg] + b[g, cg]; stats[:, n*G + g]."""
+    n_n, n_s, n_g, n_cg = x.shape
+    count = n_s * n_cg
+    for n in prange(n_n):
+        shift = np.empty(n_g)
+        s1 = np.zeros(n_g)
+        s2 = np.zeros(n_g)
+        for g in range(n_g):
+            shift[g] = x[n, 0, g, 0]
+        for s in range(n_s):
+            for g in range(n_g):
+                for cg in range(n_cg):
+                    d = np.float64(x[n, s, g, cg]) - shift[g]
+                    s1[g] += d
+                    s2[g] += d * d
+        alpha = np.empty((n_g, n_cg))
+        beta = np.empty((n_g, n_cg))
+        for g in range(n_g):
+            m = n * n_g + g
+            _finish(s1[g], s2[g], shift[g], count, eps, stats, m)
+            for cg in range(n_cg):
+                alpha[g, cg] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
+                beta[g, cg] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[g, cg]
+        for s in range(n_s):
+            for g in range(n_g):
+                for cg in range(n_cg):
+                    y[n, s, g, cg] = x[n, s, g, cg] * alpha[g, cg] + beta[g, cg]
+
+
+def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
+    """GroupNorm channels_last backward; dw/db partials per sample n: (N, G, Cg)."""
+    n_n, n_s, n_g, n_cg = x.shape
+    count = n_s * n_cg
+    for n in prange(n_n):
+        sdy = np.zeros((n_g, n_cg))
+        sdyx = np.zeros((n_g, n_cg))
+        for s in range(n_s):
+            for g in range(n_g):
+                mu = stats[0, n * n_g + g]
+                for cg in range(n_cg):
+                    d = np.float64(dy[n, s, g, cg])
+                    sdy[g, cg] += d
+                    sdyx[g, cg] += d * (np.float64(x[n, s, g, cg]) - mu)
+        p = np.empty((n_g, n_cg))
+        q = np.empty(n_g)
+        z = np.empty(n_g)
+        for g in range(n_g):
+            m = n * n_g + g
+            r = stats[2, m]
+            sum_g = 0.0
+            sum_gx = 0.0
+            for cg in range(n_cg):
+                dw_part[n, g, cg] = sdyx[g, cg] * r
+                db_part[n, g, cg] = sdy[g, cg]
+                wj = w[g, cg] if has_w else 1.0
+                sum_g += sdy[g, cg] * wj
+                sum_gx += sdyx[g, cg] * r * wj
+                p[g, cg] = r * wj
+            q[g] = -r * r * sum_gx / count
+            z[g] = -r * sum_g / count - q[g] * stats[0, m]
+        if need_dx:
+            for s in range(n_s):
+                for g in range(n_g):
+                    for cg in range(n_cg):
+                        dx[n, s, g, cg] = dy[n, s, g, cg] * p[g, cg] + x[n, s, g, cg] * q[g] + z[g]
+
+
+def _compile(fn, parallel: bool):
+    """A numba dispatcher of fn; serial and parallel builds get distinct cache entries."""
+    suffix = "parallel" if parallel else "serial"
+    clone = types.FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_{suffix}",
+                               fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = clone.__name__
+    return njit(parallel=parallel, cache=True, fastmath=FASTMATH, nogil=True)(clone)
+
+
+_KERNELS = {
+    fn.__name__: fn
+    for fn in (mid_forward_train, mid_forward_given, mid_backward, rows_forward_train,
+               rows_backward, cols_forward_train, cols_forward_given, cols_backward,
+               nsc_forward_train, nsc_backward)
+}
+parallel = types.SimpleNamespace(**{n: _compile(f, True) for n, f in _KERNELS.items()})
+serial = types.SimpleNamespace(**{n: _compile(f, False) for n, f in _KERNELS.items()})

@@ -1,23 +1,26 @@
-"""How a normalize call maps onto the CPU kernels' memory shapes (mid, rows, cols).
+"""How a normalize call maps onto the CPU kernels' memory shapes (mid, rows, cols, nsc).
 
-A plan says how to view the dense input's memory, which kernel family serves it, and how the
-broadcast weight lines up with that view; `plan_for` returns None for calls no kernel covers.
+A plan says which kernel family serves the call, how to view the dense input's memory as that
+family's array, and how the broadcast weight lines up with it. `plan_for` returns None for calls
+no kernel covers; plans are cached per (shape, strides, dims, weight shape).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class Plan:
     """kind 'mid': memory (A, M, J, S), stats per m, weight (Wm, J) indexed [m % Wm, j].
-    kind 'rows': memory (M, J), stats per row, weight (J,). kind 'cols': memory (A, M), stats per
-    column, weight (M,)."""
+    kind 'rows': memory (M, J), stats per row, weight (J,).
+    kind 'cols': memory (A, M), stats per column, weight (M,).
+    kind 'nsc': memory (A, S, Wm, J) = (N, spatial, G, C/G), stats per (n, g), weight (G, C/G).
+    """
 
     kind: str
     A: int
@@ -26,40 +29,71 @@ class Plan:
     S: int
     Wm: int
 
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        return {"mid": (self.A, self.M, self.J, self.S), "rows": (self.M, self.J),
+                "cols": (self.A, self.M), "nsc": (self.A, self.S, self.Wm, self.J)}[self.kind]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return {"mid": (self.Wm, self.J), "rows": (self.J,), "cols": (self.M,),
+                "nsc": (self.Wm, self.J)}[self.kind]
+
+    @property
+    def items(self) -> int:
+        """Number of statistics (mean/var pairs) the plan produces."""
+        return self.A * self.Wm if self.kind == "nsc" else self.M
+
     def memory_view(self, t: Tensor) -> Tensor:
-        """t (laid out like the planned input) as the kernel's array shape, without a copy."""
+        """t (laid out like the planned input) as the kernel's array, without a copy."""
         if self.kind == "cols" and t.dim() > 2:
             t = t.movedim(1, -1)
-        shape = {"mid": (self.A, self.M, self.J, self.S), "rows": (self.M, self.J),
-                 "cols": (self.A, self.M)}[self.kind]
-        return t.view(shape)
+        elif self.kind == "nsc":
+            t = t.permute(0, *range(3, t.dim()), 1, 2)
+        return t.view(self.array_shape)
 
 
-def _channels_last_like(x: Tensor) -> bool:
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and x.is_contiguous(memory_format=fmt)
-
-
-def _varying_only_at(param_shape: tuple[int, ...], x_shape: torch.Size, dims: set[int]) -> bool:
+def _varying_only_at(param_shape: tuple[int, ...], x_shape: tuple[int, ...], dims) -> bool:
     return all((n == x_shape[i]) if i in dims else n == 1 for i, n in enumerate(param_shape))
 
 
-def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None) -> Plan | None:
-    """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`."""
-    d = x.dim()
-    shape = x.shape
-    if d < 2 or x.numel() == 0:
+def _dense_strides(shape: tuple[int, ...], order: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of a dense tensor of `shape` whose dims, slowest first, are `order`."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
+
+
+def _same_strides(shape, strides, order) -> bool:
+    """Dense in `order`, ignoring the strides of size-1 dims."""
+    expected = _dense_strides(shape, order)
+    return all(n == 1 or s == e for n, s, e in zip(shape, strides, expected))
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(shape: tuple[int, ...], strides: tuple[int, ...], dims: tuple[int, ...],
+          param_shape: tuple[int, ...] | None) -> Plan | None:
+    d = len(shape)
+    if d < 2 or math.prod(shape) == 0:
         return None
+    contiguous = _same_strides(shape, strides, tuple(range(d)))
     batch_dims = (0,) + tuple(range(2, d))
     if dims == batch_dims and (param_shape is None or _varying_only_at(param_shape, shape, {1})):
         spatial = math.prod(shape[2:])
-        if x.is_contiguous() and spatial > 1:
+        if contiguous and spatial > 1:
             return Plan("mid", shape[0], shape[1], 1, spatial, shape[1])
-        if x.is_contiguous() or _channels_last_like(x):
+        if contiguous or _same_strides(shape, strides, (0, *range(2, d), 1)):
             return Plan("cols", shape[0] * spatial, shape[1], 1, 1, shape[1])
         return None
+    if (d >= 4 and dims == tuple(range(2, d)) and not contiguous
+            and _same_strides(shape, strides, (0, *range(3, d), 1, 2))
+            and (param_shape is None or _varying_only_at(param_shape, shape, {1, 2}))):
+        return Plan("nsc", shape[0], shape[0] * shape[1], shape[2], math.prod(shape[3:]), shape[1])
     k = dims[0] if dims else d
-    if not x.is_contiguous() or dims != tuple(range(k, d)):
+    if not contiguous or dims != tuple(range(k, d)):
         return None
     lead, trail = shape[:k], shape[k:]
     rows = math.prod(lead)
@@ -77,3 +111,9 @@ def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | No
     if w_rows == 1 and rest == 1:
         return Plan("rows", 1, rows, inner, 1, 1)
     return Plan("mid", 1, rows, inner, rest, w_rows)
+
+
+def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None) -> Plan | None:
+    """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`
+    (right-aligned to x's rank), or None."""
+    return _plan(tuple(x.shape), x.stride(), tuple(dims), param_shape)

@@ -1,17 +1,18 @@
-"""The `normkit` command line: `normkit check` (and the subcommands later issues add)."""
+"""The `normkit` command line: `normkit check`, `normkit bench`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from normkit.cli import check
+from normkit.cli import bench, check
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

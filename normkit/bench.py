@@ -1,0 +1,239 @@
+"""`normkit bench`: time normkit against torch side by side, in GB/s of ideal bytes.
+
+Ideal bytes: forward 2x the input's bytes (read x, write y); forward+backward 5x (read x,
+write y, read dy, read x, write dx). Each row also gives the % of a copy bandwidth measured in
+the same run (bytes read + written by `dst.copy_(src)` on a 256 MiB buffer). Before timing,
+normkit's result is checked against torch's once.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as tnn
+
+import normkit
+
+RESNET50_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
+                   (32, 2048, 7, 7)]
+SMALL_SHAPE = (8, 32, 8, 8)
+LN_SHAPE = (8192, 1024)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked operation: how to build the layer and which pass is timed."""
+
+    name: str
+    layer: str
+    passes: str  # "fwd" or "fwdbwd"
+    train: bool
+    ideal_factor: int
+
+    def build(self, lib, channels: int) -> tnn.Module:
+        if self.layer == "BatchNorm2d":
+            return lib.BatchNorm2d(channels)
+        if self.layer == "GroupNorm":
+            return lib.GroupNorm(min(32, channels), channels)
+        if self.layer == "InstanceNorm2d":
+            return lib.InstanceNorm2d(channels, affine=True)
+        return lib.LayerNorm(channels)
+
+
+OPS = {
+    "bn2d_train_fwd": Op("bn2d_train_fwd", "BatchNorm2d", "fwd", True, 2),
+    "bn2d_train_fwdbwd": Op("bn2d_train_fwdbwd", "BatchNorm2d", "fwdbwd", True, 5),
+    "bn2d_eval_fwd": Op("bn2d_eval_fwd", "BatchNorm2d", "fwd", False, 2),
+    "gn_fwdbwd": Op("gn_fwdbwd", "GroupNorm", "fwdbwd", True, 5),
+    "ln_fwdbwd": Op("ln_fwdbwd", "LayerNorm", "fwdbwd", True, 5),
+    "in_fwdbwd": Op("in_fwdbwd", "InstanceNorm2d", "fwdbwd", True, 5),
+}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    device: str
+    torch_ms: float
+    normkit_ms: float
+    compile_ms: float | None
+    speedup: float
+    normkit_gbps: float
+    torch_gbps: float
+    normkit_pct_copy: float
+    torch_pct_copy: float
+    max_abs_err: float
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, reps: int = 10) -> float:
+    """GB/s of `dst.copy_(src)` on 256 MiB (bytes read + bytes written)."""
+    src = torch.empty(64 << 20, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def shapes_for(op: Op, quick: bool) -> list[tuple[int, ...]]:
+    if op.layer == "LayerNorm":
+        return [LN_SHAPE] if not quick else [(2048, 1024)]
+    if quick:
+        return [SMALL_SHAPE, (32, 256, 56, 56)]
+    return [*RESNET50_SHAPES, SMALL_SHAPE]
+
+
+def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str):
+    if passes == "fwd":
+        def run():
+            with torch.no_grad():
+                return module(x)
+        return run
+    xg = x.detach().clone().requires_grad_()
+
+    def run_fwdbwd():
+        out = module(xg)
+        out.backward(dy)
+        return out
+    return run_fwdbwd
+
+
+def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str,
+              reps: int, with_compile: bool, copy_gbps: float) -> Row:
+    """Time torch and normkit (and torch.compile) on one op, shape, dtype and layout."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else dy
+    channels = shape[-1] if op.layer == "LayerNorm" else shape[1]
+    modules = {lib: op.build(lib, channels).to(device).train(op.train) for lib in (tnn, normkit)}
+    results = [_runner(modules[lib], x, dy, op.passes)() for lib in (tnn, normkit)]
+    err = float((results[0].detach().double() - results[1].detach().double()).abs().max())
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    if not err <= tolerance:
+        raise AssertionError(f"{op.name} {shape}: normkit differs from torch by {err}")
+    t_torch = median_time(_runner(modules[tnn], x, dy, op.passes), device, reps)
+    t_nk = median_time(_runner(modules[normkit], x, dy, op.passes), device, reps)
+    t_compile = None
+    if with_compile:
+        compiled = torch.compile(op.build(tnn, channels).to(device).train(op.train))
+        t_compile = median_time(_runner(compiled, x, dy, op.passes), device, reps, warmup=3)
+    ideal = op.ideal_factor * x.numel() * x.element_size()
+    return Row(
+        op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,
+        t_torch * 1e3, t_nk * 1e3, None if t_compile is None else t_compile * 1e3,
+        t_torch / t_nk, ideal / t_nk / 1e9, ideal / t_torch / 1e9,
+        100 * ideal / t_nk / 1e9 / copy_gbps, 100 * ideal / t_torch / 1e9 / copy_gbps, err,
+    )
+
+
+def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torch.float32,),
+              layouts=("contiguous", "channels_last"), quick: bool = False,
+              shapes: list[tuple[int, ...]] | None = None, progress: bool = True) -> dict:
+    """Benchmark every (op, shape, dtype, layout); returns the JSON-ready report."""
+    from tqdm import tqdm
+
+    reps = 5 if quick else 10
+    copy_gbps = copy_bandwidth(device)
+    with_compile = device.startswith("cuda")
+    jobs = []
+    for name in ops:
+        op = OPS[name]
+        for shape in shapes or shapes_for(op, quick):
+            if op.layer == "LayerNorm" and len(shape) != 2:
+                continue
+            for dtype in dtypes:
+                for layout in layouts:
+                    if layout == "channels_last" and (len(shape) != 4 or op.layer in (
+                            "LayerNorm", "InstanceNorm2d")):
+                        continue
+                    jobs.append((op, shape, dtype, layout))
+    rows = [bench_one(op, shape, dtype, layout, device, reps, with_compile, copy_gbps)
+            for op, shape, dtype, layout in tqdm(jobs, disable=not progress, desc="bench")]
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if with_compile else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "normkit": normkit.__version__,
+        "copy_gbps": copy_gbps,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(report: dict) -> str:
+    """The side-by-side table of a report."""
+    has_compile = any(r["compile_ms"] is not None for r in report["rows"])
+    header = ["op", "shape", "dtype", "layout", "torch ms", "normkit ms"]
+    header += ["compile ms"] if has_compile else []
+    header += ["speedup", "torch GB/s", "normkit GB/s", "torch %copy", "normkit %copy"]
+    body = []
+    for r in report["rows"]:
+        line = [r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"],
+                f"{r['torch_ms']:.2f}", f"{r['normkit_ms']:.2f}"]
+        line += [f"{r['compile_ms']:.2f}"] if has_compile else []
+        line += [f"{r['speedup']:.2f}x", f"{r['torch_gbps']:.1f}", f"{r['normkit_gbps']:.1f}",
+                 f"{r['torch_pct_copy']:.0f}%", f"{r['normkit_pct_copy']:.0f}%"]
+        body.append(line)
+    widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = (f"{report['device']} ({report['device_name']}), {report['threads']} threads, torch "
+             f"{report['torch']}, copy bandwidth {report['copy_gbps']:.1f} GB/s")
+    return title + "\n" + "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Bar chart of % of copy bandwidth, torch vs normkit, one bar pair per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [f"{r['op']}\n{'x'.join(map(str, r['shape']))}\n{r['layout'][:2]}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 5))
+    idx = range(len(rows))
+    ax.bar([i - 0.2 for i in idx], [r["torch_pct_copy"] for r in rows], 0.4, label="torch")
+    ax.bar([i + 0.2 for i in idx], [r["normkit_pct_copy"] for r in rows], 0.4, label="normkit")
+    ax.set_xticks(list(idx), labels, fontsize=6, rotation=90)
+    ax.set_ylabel("% of measured copy bandwidth")
+    ax.set_title(f"normkit vs torch on {report['device']} (copy {report['copy_gbps']:.1f} GB/s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
