@@ -34,6 +34,8 @@ def suggest_memory_format(t: Tensor) -> torch.memory_format:
 
 def dense_in_suggested_format(t: Tensor) -> Tensor:
     """`t` itself when already dense in its suggested format, else a copy that is."""
+    if t.is_contiguous():
+        return t
     return t.contiguous(memory_format=suggest_memory_format(t))
 
 

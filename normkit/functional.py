@@ -21,11 +21,9 @@ from normkit.backends import backend_for
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm"]
 
 
-def _channel_view(t: Tensor | None, x: Tensor) -> Tensor | None:
-    """A per-channel vector (C,) viewed as (1, C, 1, ...) to broadcast against x."""
-    if t is None:
-        return None
-    return t.view((1, -1) + (1,) * (x.dim() - 2))
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    """(1, C, 1, ...): how a per-channel vector broadcasts against x."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
 def _empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
@@ -38,25 +36,6 @@ def _empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
         if p is not None:
             out = out + 0 * p.sum()
     return out
-
-
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place, float64 arithmetic.
-
-    NOTE: the running variance takes the unbiased estimate var * count / (count - 1), while the
-    normalization itself used the biased `var`.
-    """
-    with torch.no_grad():
-        unbiased = var.double() * (count / (count - 1)) if count > 1 else var.double()
-        for running, batch in ((running_mean, mean.double()), (running_var, unbiased)):
-            running.copy_(momentum * batch + (1.0 - momentum) * running.double())
 
 
 def batch_norm(
@@ -110,21 +89,20 @@ def batch_norm(
 
     x = dense_in_suggested_format(input)
     dims = (0,) + tuple(range(2, x.dim()))
-    use_running = not training
-    y, mean, var = backend_for(x).normalize(
+    backend = backend_for(x)
+    y, mean, var = backend.normalize(
         x,
-        _channel_view(weight, x),
-        _channel_view(bias, x),
+        weight,
+        bias,
         dims,
         eps,
-        _channel_view(running_mean, x) if use_running else None,
-        _channel_view(running_var, x) if use_running else None,
+        None if training else running_mean,
+        None if training else running_var,
+        _channel_shape(x),
     )
     if training and running_mean is not None:
         count = input.numel() // channels
-        _update_running_stats(
-            running_mean, running_var, mean.view(-1), var.view(-1), count, momentum
-        )
+        backend.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
@@ -181,20 +159,21 @@ def instance_norm(
 
     x = input.contiguous()
     dims = tuple(range(2, x.dim()))
-    use_running = not use_input_stats
-    y, mean, var = backend_for(x).normalize(
+    backend = backend_for(x)
+    y, mean, var = backend.normalize(
         x,
-        _channel_view(weight, x),
-        _channel_view(bias, x),
+        weight,
+        bias,
         dims,
         eps,
-        _channel_view(running_mean, x) if use_running else None,
-        _channel_view(running_var, x) if use_running else None,
+        None if use_input_stats else running_mean,
+        None if use_input_stats else running_var,
+        _channel_shape(x),
     )
     if use_input_stats and running_mean is not None:
         # NOTE: the running statistics follow the instance statistics averaged over the batch.
         count = input.numel() // (batch * channels)
-        _update_running_stats(
+        backend.update_running_stats(
             running_mean,
             running_var,
             mean.view(batch, channels).mean(0),
@@ -233,11 +212,7 @@ def group_norm(
     grouped = x.unflatten(1, (num_groups, channels // num_groups))
     param_shape = (1, num_groups, channels // num_groups) + (1,) * (x.dim() - 2)
     y, _, _ = backend_for(x).normalize(
-        grouped,
-        None if weight is None else weight.view(param_shape),
-        None if bias is None else bias.view(param_shape),
-        tuple(range(2, grouped.dim())),
-        eps,
+        grouped, weight, bias, tuple(range(2, grouped.dim())), eps, shape=param_shape
     )
     return y.flatten(1, 2)
 

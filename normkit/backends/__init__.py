@@ -1,11 +1,12 @@
 """The single dispatch point between normkit.functional and the compute backends.
 
-`normkit.functional` calls `backend_for(x).normalize(...)`; a backend is a module exposing
-`name` and `normalize` with the contract of `normkit.backends.reference.normalize` (a backend
-hands calls it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels) for
+`normkit.functional` calls `backend_for(x).normalize(...)` and, for running statistics,
+`.update_running_stats(...)`; a backend is a module exposing `name`, `normalize` and
+`update_running_stats` with the contracts of `normkit.backends.reference` (a backend hands calls
+it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels) for
 CPU tensors when numba imports, else `reference`.
 The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,
-or the environment variable ``NORMKIT_BACKEND``.
+or the environment variable ``NORMKIT_BACKEND`` (read at import).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from normkit.backends import cpu, reference
 
 _BACKENDS: dict[str, ModuleType] = {reference.name: reference, cpu.name: cpu}
-_forced: str | None = None
+_forced: str | None = os.environ.get("NORMKIT_BACKEND") or None
 
 
 def available_backends() -> list[str]:
@@ -40,6 +41,9 @@ def set_backend(name: str | None) -> None:
     _forced = name
 
 
+_check_name(_forced)
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Context manager form of `set_backend`; restores the previous choice on exit."""
@@ -53,10 +57,8 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 def backend_for(x: Tensor) -> ModuleType:
     """The backend that computes normalization of `x`."""
-    name = _forced or os.environ.get("NORMKIT_BACKEND") or None
-    if name is not None:
-        _check_name(name)
-        return _BACKENDS[name]
+    if _forced is not None:
+        return _BACKENDS[_forced]
     if x.device.type == "cpu" and cpu.is_available():
         return cpu
     return reference

@@ -9,9 +9,12 @@ create_graph=True backward is the differentiable reference one, so double backwa
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from normkit._layout import with_strides_of
 from normkit.backends import cpu_buffers, reference
@@ -25,6 +28,7 @@ SERIAL_BELOW = 1 << 16  # elements; smaller calls skip the thread pool
 _NO_PARAM = {1: np.ones(1), 2: np.ones((1, 1))}
 
 
+@functools.cache
 def is_available() -> bool:
     """True when numba imports."""
     try:
@@ -34,10 +38,17 @@ def is_available() -> bool:
     return True
 
 
-def _kernels(numel: int):
-    from normkit.backends import cpu_kernels
+_compiled = None
 
-    return cpu_kernels.serial if numel < SERIAL_BELOW else cpu_kernels.parallel
+
+def _kernels(numel: int):
+    """The serial or parallel kernel set (numba is imported on first use)."""
+    global _compiled
+    if _compiled is None:
+        from normkit.backends import cpu_kernels
+
+        _compiled = cpu_kernels
+    return _compiled.serial if numel < SERIAL_BELOW else _compiled.parallel
 
 
 def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -46,7 +57,7 @@ def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
         return _NO_PARAM[len(shape)]
     if t.dtype not in _DTYPES:
         t = t.double()
-    return t.detach().reshape(shape).numpy()
+    return t.detach().numpy().reshape(shape)
 
 
 def _blocks(rows: int) -> int:
@@ -58,7 +69,7 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
     k = _kernels(x.numel())
     y = cpu_buffers.empty_like(x)
     stats = np.empty((3, plan.items))
-    xv, yv = plan.memory_view(x).numpy(), plan.memory_view(y).numpy()
+    xv, yv = plan.memory_view(x), plan.memory_view(y)
     w, b = _array(weight, plan.weight_shape), _array(bias, plan.weight_shape)
     flags = (weight is not None, bias is not None)
     if mean is not None:
@@ -81,9 +92,9 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     """(dx, dw, db) with dw / db float64 in the plan's weight shape."""
     k = _kernels(x.numel())
     dy = with_strides_of(dy, x)
-    xv, dyv = plan.memory_view(x).numpy(), plan.memory_view(dy).numpy()
+    xv, dyv = plan.memory_view(x), plan.memory_view(dy)
     dx = cpu_buffers.empty_like(x) if need_dx else None
-    dxv = plan.memory_view(dx).numpy() if need_dx else xv[:0]
+    dxv = plan.memory_view(dx) if need_dx else xv[:0]
     w, has_w, st = _array(weight, plan.weight_shape), weight is not None, stats.numpy()
     if plan.kind == "cols":
         dw, db = np.empty(plan.M), np.empty(plan.M)
@@ -116,11 +127,12 @@ class _CpuNormalize(torch.autograd.Function):
     """`reference._Normalize`'s contract, computed by the numba kernels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan):
+    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape):
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.dims, ctx.eps, ctx.plan, ctx.batch_stats = dims, eps, plan, mean is None
-        mean_out, var_out = _stats_outputs(stats, x, dims, mean, var)
+        ctx.shape = shape
+        mean_out, var_out = _stats_outputs(stats, mean, var)
         ctx.mark_non_differentiable(mean_out, var_out)
         return y, mean_out, var_out
 
@@ -129,24 +141,26 @@ class _CpuNormalize(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
-            shape = _stat_shape(x, ctx.dims)
+            stat_shape = _stat_shape(x, ctx.dims)
+            w, b = (t if t is None or ctx.shape is None else t.view(ctx.shape)
+                    for t in (weight, bias))
             dx, dw, db = reference.differentiable_backward(
-                dy, x, weight, bias, stats[0].view(shape), stats[2].view(shape), ctx.dims,
+                dy, x, w, b, stats[0].view(stat_shape), stats[2].view(stat_shape), ctx.dims,
                 ctx.eps, ctx.batch_stats, need_dx,
             )
-            return dx, dw, db, None, None, None, None, None
-        dx, dw, db = _backward(ctx.plan, x, dy, weight, stats, ctx.batch_stats, need_dx)
+        else:
+            dx, dw, db = _backward(ctx.plan, x, dy, weight, stats, ctx.batch_stats, need_dx)
         dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
         db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
-def _stats_outputs(stats: Tensor, x: Tensor, dims, mean, var) -> tuple[Tensor, Tensor]:
-    """Batch statistics keepdim-shaped (the given ones when statistics were given)."""
+def _stats_outputs(stats: Tensor, mean, var) -> tuple[Tensor, Tensor]:
+    """Batch statistics, one per item (the given ones when statistics were given)."""
     if mean is not None:
         return mean, var
-    shape = _stat_shape(x, dims)
-    return stats[0].view(shape), stats[1].view(shape)
+    batch_mean, batch_var, _ = stats.unbind(0)
+    return batch_mean, batch_var
 
 
 def normalize(
@@ -157,21 +171,22 @@ def normalize(
     eps: float,
     mean: Tensor | None = None,
     var: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`reference.normalize`, on the numba kernels when a plan covers the call."""
-    plan = _plan(x, weight, bias, dims, mean)
+    plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var)
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad))
     if needs_grad:
-        return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan)
+        return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
     y, stats = _forward(plan, x, weight, bias, eps, mean, var)
-    return (y, *_stats_outputs(stats, x, dims, mean, var))
+    return (y, *_stats_outputs(stats, mean, var))
 
 
-def _plan(x, weight, bias, dims, mean) -> Plan | None:
+def _plan(x, weight, bias, dims, mean, shape) -> Plan | None:
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return None
     param = weight if weight is not None else bias
@@ -179,9 +194,24 @@ def _plan(x, weight, bias, dims, mean) -> Plan | None:
     if param is not None:
         if param.device.type != "cpu":
             return None
-        param_shape = (1,) * (x.dim() - param.dim()) + tuple(param.shape)
+        shape = param.shape if shape is None else shape
+        param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape) if len(shape) < x.dim() else shape
     plan = plan_for(x, dims, param_shape)
     if plan is None or (mean is not None and (
             plan.kind not in ("mid", "cols") or mean.device.type != "cpu")):
         return None  # no op normalizes rows / grouped channels_last with given statistics
     return plan
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float) -> None:
+    """`reference.update_running_stats`, in numpy for float32/float64 CPU buffers."""
+    buffers = (running_mean, running_var, mean, var)
+    if any(t.device.type != "cpu" or t.dtype not in _DTYPES or t.requires_grad for t in buffers):
+        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return
+    correction = count / (count - 1) if count > 1 else 1.0
+    rm, rv = running_mean.numpy(), running_var.numpy()
+    rm += momentum * (mean.numpy() - rm)
+    rv += momentum * (var.numpy() * correction - rv)
+    increment_version((running_mean, running_var))  # autograd must see the in-place update

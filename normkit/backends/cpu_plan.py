@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from torch import Tensor
 
@@ -28,29 +30,29 @@ class Plan:
     J: int
     S: int
     Wm: int
+    array_shape: tuple[int, ...] = field(init=False)
+    weight_shape: tuple[int, ...] = field(init=False)
+    items: int = field(init=False)  # number of (mean, var) pairs produced
 
-    @property
-    def array_shape(self) -> tuple[int, ...]:
-        return {"mid": (self.A, self.M, self.J, self.S), "rows": (self.M, self.J),
-                "cols": (self.A, self.M), "nsc": (self.A, self.S, self.Wm, self.J)}[self.kind]
+    def __post_init__(self):
+        shapes = {
+            "mid": ((self.A, self.M, self.J, self.S), (self.Wm, self.J)),
+            "rows": ((self.M, self.J), (self.J,)),
+            "cols": ((self.A, self.M), (self.M,)),
+            "nsc": ((self.A, self.S, self.Wm, self.J), (self.Wm, self.J)),
+        }[self.kind]
+        object.__setattr__(self, "array_shape", shapes[0])
+        object.__setattr__(self, "weight_shape", shapes[1])
+        object.__setattr__(self, "items", self.A * self.Wm if self.kind == "nsc" else self.M)
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return {"mid": (self.Wm, self.J), "rows": (self.J,), "cols": (self.M,),
-                "nsc": (self.Wm, self.J)}[self.kind]
-
-    @property
-    def items(self) -> int:
-        """Number of statistics (mean/var pairs) the plan produces."""
-        return self.A * self.Wm if self.kind == "nsc" else self.M
-
-    def memory_view(self, t: Tensor) -> Tensor:
-        """t (laid out like the planned input) as the kernel's array, without a copy."""
-        if self.kind == "cols" and t.dim() > 2:
-            t = t.movedim(1, -1)
+    def memory_view(self, t: Tensor) -> np.ndarray:
+        """t's memory (t laid out like the planned input) as the kernel's numpy array."""
+        a = t.detach().numpy()
+        if self.kind == "cols" and a.ndim > 2:
+            a = np.moveaxis(a, 1, -1)
         elif self.kind == "nsc":
-            t = t.permute(0, *range(3, t.dim()), 1, 2)
-        return t.view(self.array_shape)
+            a = a.transpose(0, *range(3, a.ndim), 1, 2)
+        return a.reshape(self.array_shape)
 
 
 def _varying_only_at(param_shape: tuple[int, ...], x_shape: tuple[int, ...], dims) -> bool:
@@ -116,4 +118,4 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...], dims: tuple[int, ...
 def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None) -> Plan | None:
     """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`
     (right-aligned to x's rank), or None."""
-    return _plan(tuple(x.shape), x.stride(), tuple(dims), param_shape)
+    return _plan(x.shape, x.stride(), dims, param_shape)

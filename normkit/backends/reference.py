@@ -125,11 +125,39 @@ def normalize(
     eps: float,
     mean: Tensor | None = None,
     var: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalize dense `x` over `dims`; returns (y, mean, biased var), stats keepdim-shaped.
+    """Normalize dense `x` over `dims`; returns (y, mean, biased var), one statistic per
+    normalized item, flattened (shape (items,), items in x's order).
 
-    `weight` / `bias` are already shaped to broadcast against `x`. When `mean` and `var` are
-    given they are used instead of batch statistics and returned unchanged (upcast). `y` has the
-    dtype and the strides of `x`.
+    `weight`, `bias` and the optional given `mean` / `var` broadcast against `x` once viewed as
+    `shape` (as they are when `shape` is None). Given statistics replace the batch statistics
+    and are returned as passed. `y` has the dtype and the strides of `x`; the gradients of
+    weight and bias have their own shapes.
     """
-    return _Normalize.apply(x, weight, bias, mean, var, dims, eps)
+    if shape is not None:
+        weight, bias, mean, var = (None if t is None else t.view(shape)
+                                   for t in (weight, bias, mean, var))
+    y, batch_mean, batch_var = _Normalize.apply(x, weight, bias, mean, var, dims, eps)
+    if mean is None:
+        batch_mean, batch_var = batch_mean.reshape(-1), batch_var.reshape(-1)
+    return y, batch_mean, batch_var
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, for both statistics.
+
+    NOTE: the running variance takes the unbiased estimate var * count / (count - 1), while the
+    normalization itself used the biased `var`.
+    """
+    correction = count / (count - 1) if count > 1 else 1.0
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * correction).to(running_var.dtype), momentum)
