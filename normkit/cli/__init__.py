@@ -1,16 +1,17 @@
-"""The `normkit` command line: `normkit check`, `normkit bench`."""
+"""The `normkit` command line: `normkit demo`, `normkit check`, `normkit bench`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from normkit.cli import bench, check
+from normkit.cli import bench, check, demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(sub)
     check.add_parser(sub)
     bench.add_parser(sub)
     return parser
