@@ -9,6 +9,10 @@ from normkit import functional
 from normkit.backends import available_backends, set_backend, use_backend
 from normkit.modules import (
     BatchNorm1d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    FrozenBatchNorm2d,
     BatchNorm2d,
     BatchNorm3d,
     GroupNorm,
@@ -21,6 +25,11 @@ from normkit.modules import (
     LazyBatchNorm3d,
     SyncBatchNorm,
 )
+
+from normkit.convert import convert  # noqa: E402 - needs the classes above
+from normkit.fold import fold_batchnorm  # noqa: E402
+from normkit.freeze import freeze  # noqa: E402
+from normkit.precise_bn import update_bn_stats  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,6 +46,14 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FrozenBatchNorm2d",
+    "freeze",
+    "convert",
+    "fold_batchnorm",
+    "update_bn_stats",
     "functional",
     "set_backend",
     "use_backend",

@@ -18,7 +18,7 @@ from normkit import _checks
 from normkit._layout import dense_in_suggested_format
 from normkit.backends import backend_for
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "instance_norm", "group_norm", "layer_norm"]
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -66,27 +66,8 @@ def batch_norm(
             momentum=momentum,
             eps=eps,
         )
-    if training:
-        _checks.verify_batch_size(input.size())
-    _checks.check_eps(eps, training)
-    if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
-    if training:
-        _checks.check_running_pair(running_mean, running_var)
-    if input.numel() == 0:
+    if _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return _empty_output(input, weight, bias)
-    channels = input.shape[1]
-    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is None and not training:
-            raise RuntimeError(f"{name} must be defined in evaluation mode")
-    _checks.check_per_channel_sizes(
-        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
-    _checks.check_running_stats_not_differentiable(running_mean, running_var)
-    _checks.check_dtypes(
-        "batch_norm", input, weight, bias, running_mean, running_var, dispatch_first=True
-    )
-
     x = dense_in_suggested_format(input)
     dims = (0,) + tuple(range(2, x.dim()))
     backend = backend_for(x)
@@ -101,9 +82,76 @@ def batch_norm(
         _channel_shape(x),
     )
     if training and running_mean is not None:
-        count = input.numel() // channels
+        count = input.numel() // input.shape[1]
         backend.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                      eps) -> bool:
+    """torch's batch-norm argument checks, in torch's order; True when the input is empty
+    (torch then skips the remaining checks and returns an empty result)."""
+    if training:
+        _checks.verify_batch_size(input.size())
+    _checks.check_eps(eps, training)
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    if training:
+        _checks.check_running_pair(running_mean, running_var)
+    if input.numel() == 0:
+        return True
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    _checks.check_per_channel_sizes(
+        input.shape[1], running_mean=running_mean, running_var=running_var, weight=weight,
+        bias=bias,
+    )
+    _checks.check_running_stats_not_differentiable(running_mean, running_var)
+    _checks.check_dtypes(
+        "batch_norm", input, weight, bias, running_mean, running_var, dispatch_first=True
+    )
+    return False
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    act: str = "relu",
+    negative_slope: float = 0.01,
+    residual: Tensor | None = None,
+    memory_efficient: bool = False,
+) -> Tensor:
+    """act(batch_norm(input) + residual) as one autograd node (see `BatchNormAct2d`).
+
+    Same arguments, checks and running-statistics updates as `batch_norm`; `act` is one of
+    "identity", "relu", "leaky_relu" (with `negative_slope`), "silu", "gelu". With
+    `memory_efficient`, backward keeps only the input and a 1-bit sign mask (relu/leaky_relu)
+    or the input and the residual (silu/gelu) and recomputes the rest.
+    """
+    from normkit._batch_norm_act import BatchNormAct, check_act, reference_act
+
+    check_act(act)
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(
+            f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
+        )
+    if _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        out = _empty_output(input, weight, bias)
+        return reference_act(out if residual is None else out + residual, act, negative_slope)
+    x = dense_in_suggested_format(input)
+    if residual is not None:
+        residual = residual.to(x.dtype)
+    return BatchNormAct.apply(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, act,
+        negative_slope, memory_efficient,
+    )
 
 
 def instance_norm(

@@ -8,6 +8,8 @@ from normkit.modules.batchnorm import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from normkit.modules.batchnorm_act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from normkit.modules.frozen_batchnorm import FrozenBatchNorm2d
 from normkit.modules.groupnorm import GroupNorm
 from normkit.modules.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normkit.modules.layernorm import LayerNorm
@@ -26,4 +28,8 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "FrozenBatchNorm2d",
 ]

@@ -1,0 +1,142 @@
+"""BatchNormAct: equal to torch's BN -> add -> act, grads included; memory saving measured."""
+
+import pytest
+import torch
+import torch.nn as tnn
+import torch.nn.functional as tF
+
+import normkit
+from parity import assert_matches
+
+ACTS = {
+    "identity": lambda z, s: z,
+    "relu": lambda z, s: torch.relu(z),
+    "leaky_relu": lambda z, s: tF.leaky_relu(z, s),
+    "silu": lambda z, s: tF.silu(z),
+    "gelu": lambda z, s: tF.gelu(z),
+}
+
+
+def _pair(rank, act, slope=0.01, memory_efficient=False, **kwargs):
+    bn = getattr(tnn, f"BatchNorm{rank}d")(4, **kwargs)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ours = getattr(normkit, f"BatchNormAct{rank}d")(4, act=act, negative_slope=slope,
+                                                     memory_efficient=memory_efficient, **kwargs)
+    ours.load_state_dict(bn.state_dict())
+    return bn, ours
+
+
+SHAPES = {1: (6, 4, 5), 2: (3, 4, 5, 6), 3: (2, 4, 3, 4, 5)}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, None), (torch.bfloat16, None),
+                                          (torch.float32, torch.channels_last),
+                                          (torch.float64, None)])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_matches_torch_composition(act, residual, memory_efficient, dtype, layout, rank):
+    if layout is not None and rank != 2:
+        return
+    module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bn, ours = _pair(rank, act, 0.2, memory_efficient, dtype=module_dtype)
+    gen = torch.Generator().manual_seed(rank)
+    for mode in ("train", "train", "eval"):
+        bn.train(mode == "train"), ours.train(mode == "train")
+        x = (torch.randn(SHAPES[rank], generator=gen) * 2 + 1).to(dtype)
+        r = torch.randn(SHAPES[rank], generator=gen).to(dtype) if residual else None
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
+        dy = torch.randn(SHAPES[rank], generator=gen).to(dtype)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        rs = [None if r is None else r.clone().requires_grad_() for _ in range(2)]
+        z = bn(xs[0])
+        expected = ACTS[act](z if r is None else z + rs[0], 0.2)
+        got = ours(xs[1], rs[1])
+        expected.backward(dy)
+        got.backward(dy)
+        rtol = 1e-4 if dtype == torch.float32 else None
+        oracle = None
+        if dtype == torch.bfloat16:  # torch's own error in float64, as the yardstick
+            bn64 = tnn.BatchNorm1d(4) if rank == 1 else getattr(tnn, f"BatchNorm{rank}d")(4)
+            bn64 = bn64.double().train(mode == "train")
+            bn64.load_state_dict(bn.state_dict())
+            z64 = bn64(x.double())
+            oracle = ACTS[act](z64 if r is None else z64 + r.double(), 0.2).detach()
+        assert_matches(got, expected, oracle, what=f"{mode} output", rtol=rtol)
+        if dtype != torch.bfloat16:
+            assert_matches(xs[1].grad, xs[0].grad, what="input grad", rtol=rtol)
+            if r is not None:
+                assert_matches(rs[1].grad, rs[0].grad, what="residual grad", rtol=rtol)
+            assert_matches(ours.weight.grad, bn.weight.grad, what="weight grad", rtol=rtol)
+            assert_matches(ours.bias.grad, bn.bias.grad, what="bias grad", rtol=rtol)
+        torch.testing.assert_close(ours.running_mean, bn.running_mean)
+        torch.testing.assert_close(ours.running_var, bn.running_var)
+        assert int(ours.num_batches_tracked) == int(bn.num_batches_tracked)
+        if layout is not None:
+            assert got.is_contiguous(memory_format=layout)
+        ours.zero_grad(), bn.zero_grad()
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_gradcheck(act, memory_efficient):
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, r, w, b):
+        return normkit.functional.batch_norm_act(x, None, None, w, b, True, act=act,
+                                                 negative_slope=0.1, residual=r,
+                                                 memory_efficient=memory_efficient)
+    assert torch.autograd.gradcheck(fn, (x, r, w, b))
+
+
+def test_state_dict_interchangeable_with_batchnorm():
+    bn = normkit.BatchNorm2d(8)
+    bn(torch.randn(4, 8, 3, 3))
+    fused = normkit.BatchNormAct2d(8, act="silu")
+    fused.load_state_dict(bn.state_dict())
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    assert isinstance(fused, torch.nn.BatchNorm2d)
+    assert "act=silu" in repr(fused)
+
+
+def test_bad_act_and_residual_shape():
+    with pytest.raises(ValueError, match="act must be one of"):
+        normkit.BatchNormAct2d(3, act="tanh")
+    with pytest.raises(ValueError, match="residual must have"):
+        normkit.BatchNormAct2d(3)(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 1))
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while fn's graph is alive."""
+    sizes = {}
+
+    def pack(t):
+        sizes[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes.values()), out
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_memory_efficient_saves_less_than_torch(residual):
+    x = torch.randn(8, 4, 16, 16, requires_grad=True)
+    r = torch.randn(8, 4, 16, 16, requires_grad=True) if residual else None
+    bn, ours = _pair(2, "relu", memory_efficient=True)
+
+    def torch_fn():
+        z = bn(x)
+        return torch.relu(z + r if r is not None else z)
+
+    torch_bytes, _ = _saved_bytes(torch_fn)
+    ours_bytes, _ = _saved_bytes(lambda: ours(x, r))
+    ratio = ours_bytes / torch_bytes
+    # torch keeps x and the ReLU output; we keep x and a 1-bit mask: (32 + 1) / 64 bits.
+    assert ratio <= 0.53, ratio
