@@ -1,7 +1,8 @@
 """`normkit bench`: time normkit against torch side by side, in GB/s of ideal bytes.
 
 Ideal bytes: forward 2x the input's bytes (read x, write y); forward+backward 5x (read x,
-write y, read dy, read x, write dx). Each row also gives the % of a copy bandwidth measured in
+write y, read dy, read x, write dx); fused BN+add+ReLU forward+backward 7x (read x and the
+residual, write y; read dy and x, write dx and the residual's grad). Each row also gives the % of a copy bandwidth measured in
 the same run (bytes read + written by `dst.copy_(src)` on a 256 MiB buffer). Before timing,
 normkit's result is checked against torch's once.
 """
@@ -37,6 +38,8 @@ class Op:
     ideal_factor: int
 
     def build(self, lib, channels: int) -> tnn.Module:
+        if self.layer == "BatchNormAddReLU":
+            return lib.BatchNormAct2d(channels) if lib is normkit else _BatchNormAddReLU(channels)
         if self.layer == "BatchNorm2d":
             return lib.BatchNorm2d(channels)
         if self.layer == "GroupNorm":
@@ -53,7 +56,15 @@ OPS = {
     "gn_fwdbwd": Op("gn_fwdbwd", "GroupNorm", "fwdbwd", True, 5),
     "ln_fwdbwd": Op("ln_fwdbwd", "LayerNorm", "fwdbwd", True, 5),
     "in_fwdbwd": Op("in_fwdbwd", "InstanceNorm2d", "fwdbwd", True, 5),
+    "bn_add_relu_fwdbwd": Op("bn_add_relu_fwdbwd", "BatchNormAddReLU", "fwdbwd", True, 7),
 }
+
+
+class _BatchNormAddReLU(tnn.BatchNorm2d):
+    """torch's unfused composition relu(bn(x) + residual), the baseline for BatchNormAct2d."""
+
+    def forward(self, x, residual):
+        return torch.relu(super().forward(x) + residual)
 
 
 @dataclass
@@ -109,16 +120,18 @@ def shapes_for(op: Op, quick: bool) -> list[tuple[int, ...]]:
     return [*RESNET50_SHAPES, SMALL_SHAPE]
 
 
-def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str):
+def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str,
+            residual: torch.Tensor | None = None):
+    extra = () if residual is None else (residual.detach().clone().requires_grad_(),)
     if passes == "fwd":
         def run():
             with torch.no_grad():
-                return module(x)
+                return module(x, *extra)
         return run
     xg = x.detach().clone().requires_grad_()
 
     def run_fwdbwd():
-        out = module(xg)
+        out = module(xg, *extra)
         out.backward(dy)
         return out
     return run_fwdbwd
@@ -134,18 +147,20 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
     dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     dy = dy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else dy
     channels = shape[-1] if op.layer == "LayerNorm" else shape[1]
+    residual = torch.randn_like(x) if op.layer == "BatchNormAddReLU" else None
     modules = {lib: op.build(lib, channels).to(device).train(op.train) for lib in (tnn, normkit)}
-    results = [_runner(modules[lib], x, dy, op.passes)() for lib in (tnn, normkit)]
+    results = [_runner(modules[lib], x, dy, op.passes, residual)() for lib in (tnn, normkit)]
     err = float((results[0].detach().double() - results[1].detach().double()).abs().max())
     tolerance = 1e-3 if dtype == torch.float32 else 0.1
     if not err <= tolerance:
         raise AssertionError(f"{op.name} {shape}: normkit differs from torch by {err}")
-    t_torch = median_time(_runner(modules[tnn], x, dy, op.passes), device, reps)
-    t_nk = median_time(_runner(modules[normkit], x, dy, op.passes), device, reps)
+    t_torch = median_time(_runner(modules[tnn], x, dy, op.passes, residual), device, reps)
+    t_nk = median_time(_runner(modules[normkit], x, dy, op.passes, residual), device, reps)
     t_compile = None
     if with_compile:
         compiled = torch.compile(op.build(tnn, channels).to(device).train(op.train))
-        t_compile = median_time(_runner(compiled, x, dy, op.passes), device, reps, warmup=3)
+        t_compile = median_time(_runner(compiled, x, dy, op.passes, residual), device, reps,
+                                warmup=3)
     ideal = op.ideal_factor * x.numel() * x.element_size()
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,

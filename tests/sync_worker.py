@@ -31,12 +31,18 @@ def _counting(fn, counter, key):
     return wrapped
 
 
-def run_scenario(rank: int, scenario: dict) -> dict:
-    """Several training steps of normkit.SyncBatchNorm on this rank's slice of a shared batch."""
+def run_scenario(rank: int, scenario: dict, device: str) -> dict:
+    """Several training steps of normkit.SyncBatchNorm on this rank's slice of a shared batch.
+
+    Results are returned on the CPU; the input dtype is float64 unless the scenario names a
+    low-precision one (the module then stays float32, as in mixed precision).
+    """
     sizes = scenario["sizes"]
     start = sum(sizes[:rank])
+    in_dtype = getattr(torch, scenario.get("dtype", "float64"))
+    module_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
     m = normkit.SyncBatchNorm(scenario["channels"], momentum=scenario["momentum"],
-                              dtype=torch.float64)
+                              dtype=module_dtype, device=device)
     with torch.no_grad():
         m.weight.copy_(torch.linspace(0.5, 1.5, scenario["channels"]))
         m.bias.copy_(torch.linspace(-1, 1, scenario["channels"]))
@@ -47,7 +53,7 @@ def run_scenario(rank: int, scenario: dict) -> dict:
     steps = []
     try:
         for x_full, dy_full in _full_batches(scenario, scenario["steps"]):
-            x = x_full[start : start + sizes[rank]].clone()
+            x = x_full[start : start + sizes[rank]].to(device=device, dtype=in_dtype)
             if scenario.get("channels_last"):
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
@@ -55,12 +61,13 @@ def run_scenario(rank: int, scenario: dict) -> dict:
             before = dict(counter)
             y = m(x)
             forward_counts = {k: counter[k] - before[k] for k in counter}
-            y.backward(dy_full[start : start + sizes[rank]])
+            y.backward(dy_full[start : start + sizes[rank]].to(device=device, dtype=in_dtype))
             backward_counts = {k: counter[k] - before[k] - forward_counts[k] for k in counter}
             steps.append({
-                "y": y.detach(), "dx": x.grad, "dw": m.weight.grad.clone(),
-                "db": m.bias.grad.clone(), "rm": m.running_mean.clone(),
-                "rv": m.running_var.clone(), "nbt": int(m.num_batches_tracked),
+                "y": y.detach().cpu().clone(), "dx": x.grad.cpu().clone(),
+                "dw": m.weight.grad.cpu().clone(), "db": m.bias.grad.cpu().clone(),
+                "rm": m.running_mean.cpu().clone(), "rv": m.running_var.cpu().clone(),
+                "nbt": int(m.num_batches_tracked),
                 "forward": forward_counts, "backward": backward_counts,
                 "channels_last": y.is_contiguous(memory_format=torch.channels_last),
                 "contiguous": y.is_contiguous(),
@@ -119,14 +126,19 @@ def ddp_batches(config):
     ]
 
 
-def worker(rank: int, world: int, init_file: str, out_dir: str, jobs: list) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+def worker(rank: int, world: int, init_file: str, out_dir: str, jobs: list,
+           backend: str = "gloo") -> None:
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=TIMEOUT)
     torch.set_num_threads(1)
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
     results = []
     for kind, config in jobs:
         if kind == "scenario":
-            results.append(run_scenario(rank, config))
+            results.append(run_scenario(rank, config, device))
         elif kind == "mismatch":
             results.append(run_channel_mismatch(rank))
         elif kind == "ddp":
