@@ -135,7 +135,7 @@ def batch_norm_act(
     `memory_efficient`, backward keeps only the input and a 1-bit sign mask (relu/leaky_relu)
     or the input and the residual (silu/gelu) and recomputes the rest.
     """
-    from normkit._batch_norm_act import BatchNormAct, check_act, reference_act
+    from normkit._batch_norm_act import check_act, reference_act
 
     check_act(act)
     if residual is not None and residual.shape != input.shape:
@@ -148,7 +148,7 @@ def batch_norm_act(
     x = dense_in_suggested_format(input)
     if residual is not None:
         residual = residual.to(x.dtype)
-    return BatchNormAct.apply(
+    return backend_for(x).batch_norm_act(
         x, weight, bias, residual, running_mean, running_var, training, momentum, eps, act,
         negative_slope, memory_efficient,
     )

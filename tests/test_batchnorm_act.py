@@ -8,6 +8,8 @@ import torch.nn.functional as tF
 import normkit
 from parity import assert_matches
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 ACTS = {
     "identity": lambda z, s: z,
     "relu": lambda z, s: torch.relu(z),
@@ -140,3 +142,15 @@ def test_memory_efficient_saves_less_than_torch(residual):
     ratio = ours_bytes / torch_bytes
     # torch keeps x and the ReLU output; we keep x and a 1-bit mask: (32 + 1) / 64 bits.
     assert ratio <= 0.53, ratio
+
+
+@pytest.mark.parametrize("layout", [None, torch.channels_last])
+def test_fused_kernel_runs_on_cpu(layout):
+    m = normkit.BatchNormAct2d(4)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    if layout is not None:
+        x = x.detach().contiguous(memory_format=layout).requires_grad_()
+    with normkit.use_backend(None):
+        assert "CpuBatchNormAct" in type(m(x).grad_fn).__name__
+    with normkit.use_backend("reference"):
+        assert "CpuBatchNormAct" not in type(m(x).grad_fn).__name__

@@ -1,8 +1,8 @@
 """The single dispatch point between normkit.functional and the compute backends.
 
-`normkit.functional` calls `backend_for(x).normalize(...)` and, for running statistics,
-`.update_running_stats(...)`; a backend is a module exposing `name`, `normalize` and
-`update_running_stats` with the contracts of `normkit.backends.reference` (a backend hands calls
+`normkit.functional` calls `backend_for(x).normalize(...)`, `.update_running_stats(...)` and
+`.batch_norm_act(...)`; a backend is a module exposing `name` and those three functions with
+the contracts of `normkit.backends.reference` (a backend hands calls
 it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels) for
 CPU tensors when numba imports, else `reference`.
 The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,

@@ -215,3 +215,17 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     rm += momentum * (mean.numpy() - rm)
     rv += momentum * (var.numpy() * correction - rv)
     increment_version((running_mean, running_var))  # autograd must see the in-place update
+
+
+def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                   eps, act, negative_slope, memory_efficient) -> Tensor:
+    """`reference.batch_norm_act`, on the fused kernels of `cpu_act` when they cover the call."""
+    from normkit.backends import cpu_act
+
+    plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean)
+    if plan is None:
+        return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
+                                        training, momentum, eps, act, negative_slope,
+                                        memory_efficient)
+    return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, running_mean, running_var,
+                                         training, momentum, eps, act, negative_slope, plan)

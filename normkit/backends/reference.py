@@ -161,3 +161,13 @@ def update_running_stats(
     with torch.no_grad():
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_var.lerp_((var * correction).to(running_var.dtype), momentum)
+
+
+def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                   eps, act, negative_slope, memory_efficient) -> Tensor:
+    """act(batch_norm(x) + residual) for dense x, arguments already checked: the composition
+    of `normalize` and the activation in one autograd node (`normkit._batch_norm_act`)."""
+    from normkit._batch_norm_act import BatchNormAct
+
+    return BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
+                              momentum, eps, act, negative_slope, memory_efficient)

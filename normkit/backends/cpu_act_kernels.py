@@ -1,0 +1,268 @@
+"""numba kernels for act(batch_norm(x) + residual), fused: one pass forward, one backward.
+
+Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm NCHW; cols:
+(R, C) BatchNorm channels_last / 2D). Activation codes: 0 identity, 1 relu, 2 leaky_relu,
+3 silu, 4 gelu (erf form). For relu / leaky_relu the forward also writes a 1-bit mask of
+z > 0 (NaN counts as positive, as in torch), packed along the innermost axis of each row; the
+backward reads it instead of z. For silu / gelu the backward recomputes z from x (and the
+residual). Work goes row by row through small float64 buffers (z, dz) so that each loop is
+simple enough to vectorize. Unused arrays (no residual, no mask) are passed as 1-element
+placeholders and indexed modulo their size. Every kernel exists serial and parallel, as in
+`cpu_kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+from numba import njit, prange
+
+from normkit.backends.cpu_kernels import FASTMATH, _compile, _finish
+
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def _z_row(x_row, r_row, has_r, alpha, beta, z):
+    """z = x * alpha + beta (+ r) for one row, into the float64 buffer z."""
+    n = z.shape[0]
+    if has_r:
+        for i in range(n):
+            z[i] = x_row[i] * alpha + beta + r_row[i]
+    else:
+        for i in range(n):
+            z[i] = x_row[i] * alpha + beta
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
+    """z = x * alpha[c] + beta[c] (+ r) for one channels-last row, into z."""
+    n = z.shape[0]
+    if has_r:
+        for i in range(n):
+            z[i] = x_row[i] * alpha[i] + beta[i] + r_row[i]
+    else:
+        for i in range(n):
+            z[i] = x_row[i] * alpha[i] + beta[i]
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def _act_row(z, code, slope, out_row, bits_row):
+    """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0."""
+    n = z.shape[0]
+    if code == 1:
+        for i in range(n):
+            out_row[i] = 0.0 if z[i] <= 0.0 else z[i]
+    elif code == 2:
+        for i in range(n):
+            out_row[i] = z[i] * slope if z[i] <= 0.0 else z[i]
+    elif code == 3:
+        for i in range(n):
+            out_row[i] = z[i] / (1.0 + math.exp(-z[i]))
+    elif code == 4:
+        for i in range(n):
+            out_row[i] = 0.5 * z[i] * (1.0 + math.erf(z[i] * INV_SQRT2))
+    else:
+        for i in range(n):
+            out_row[i] = z[i]
+    if code == 1 or code == 2:
+        for byte in range(bits_row.shape[0]):
+            v = 0
+            for k in range(min(8, n - byte * 8)):
+                if not z[byte * 8 + k] <= 0.0:
+                    v |= 1 << k
+            bits_row[byte] = v
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH)
+def _grad_row(dout_row, z, code, slope, bits_row, g):
+    """g = dL/dz for one row: from the mask (relu family) or from z (silu, gelu)."""
+    n = g.shape[0]
+    if code == 1 or code == 2:
+        low = 0.0 if code == 1 else slope
+        for byte in range(bits_row.shape[0]):
+            v = bits_row[byte]
+            for k in range(min(8, n - byte * 8)):
+                i = byte * 8 + k
+                g[i] = dout_row[i] if (v >> k) & 1 else dout_row[i] * low
+    elif code == 3:
+        for i in range(n):
+            sig = 1.0 / (1.0 + math.exp(-z[i]))
+            g[i] = dout_row[i] * sig * (1.0 + z[i] * (1.0 - sig))
+    elif code == 4:
+        for i in range(n):
+            cdf = 0.5 * (1.0 + math.erf(z[i] * INV_SQRT2))
+            g[i] = dout_row[i] * (cdf + z[i] * math.exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI)
+    else:
+        for i in range(n):
+            g[i] = dout_row[i]
+
+
+def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
+                    bits, stats):
+    """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M)."""
+    n_a, n_m, _, n_s = x.shape
+    n_stat = mean.shape[0]
+    count = n_a * n_s
+    for m in prange(n_m):
+        if given:
+            stats[0, m] = mean[m % n_stat]
+            stats[1, m] = var[m % n_stat]
+            stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+        else:
+            shift = np.float64(x[0, m, 0, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for a in range(n_a):
+                for s in range(n_s):
+                    d = np.float64(x[a, m, 0, s]) - shift
+                    s1 += d
+                    s2 += d * d
+            _finish(s1, s2, shift, count, eps, stats, m)
+        alpha = stats[2, m] * w[m] if has_w else stats[2, m]
+        beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
+        z = np.empty(n_s)
+        for a in range(n_a):
+            _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
+            _act_row(z, code, slope, out[a, m, 0], bits[a % bits.shape[0], m % bits.shape[1]])
+
+
+def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
+                     bits, need_dx, dx, need_dr, dr, dw, db):
+    """Per channel m: dz = dout * act'(z); dr = dz; dw[m] = Σ dz·xhat; db[m] = Σ dz; dx as BN.
+
+    dz of the whole channel is kept in a buffer between the sums and the dx pass."""
+    n_a, n_m, _, n_s = x.shape
+    count = n_a * n_s
+    for m in prange(n_m):
+        mu = stats[0, m]
+        rs = stats[2, m]
+        wm = w[m] if has_w else 1.0
+        alpha = rs * wm
+        beta = (b[m] if has_b else 0.0) - mu * alpha
+        g = np.empty((n_a, n_s))
+        z = np.empty(n_s)
+        sdz = 0.0
+        sdzx = 0.0
+        for a in range(n_a):
+            if code == 3 or code == 4:
+                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
+            _grad_row(dout[a, m, 0], z, code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
+                      g[a])
+            for s in range(n_s):
+                sdz += g[a, s]
+                sdzx += g[a, s] * (np.float64(x[a, m, 0, s]) - mu)
+            if need_dr:
+                for s in range(n_s):
+                    dr[a, m, 0, s] = g[a, s]
+        dw[m] = sdzx * rs
+        db[m] = sdz
+        if need_dx:
+            p = rs * wm
+            q = -p * rs * rs * sdzx / count if batch_stats else 0.0
+            zc = (-p * sdz / count if batch_stats else 0.0) - q * mu
+            for a in range(n_a):
+                for s in range(n_s):
+                    dx[a, m, 0, s] = g[a, s] * p + x[a, m, 0, s] * q + zc
+
+
+def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
+                     bits, stats, n_blocks):
+    """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row."""
+    n_r, n_c = x.shape
+    per_block = (n_r + n_blocks - 1) // n_blocks
+    if given:
+        for c in range(n_c):
+            stats[0, c] = mean[c]
+            stats[1, c] = var[c]
+            stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+    else:
+        s1_part = np.zeros((n_blocks, n_c))
+        s2_part = np.zeros((n_blocks, n_c))
+        shift = np.empty(n_c)
+        for c in range(n_c):
+            shift[c] = x[0, c]
+        for blk in prange(n_blocks):
+            for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+                for c in range(n_c):
+                    d = np.float64(x[row, c]) - shift[c]
+                    s1_part[blk, c] += d
+                    s2_part[blk, c] += d * d
+        for c in range(n_c):
+            s1 = 0.0
+            s2 = 0.0
+            for blk in range(n_blocks):
+                s1 += s1_part[blk, c]
+                s2 += s2_part[blk, c]
+            _finish(s1, s2, shift[c], n_r, eps, stats, c)
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    for c in range(n_c):
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    for blk in prange(n_blocks):
+        z = np.empty(n_c)
+        for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+            _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
+            _act_row(z, code, slope, out[row], bits[0, row % bits.shape[1]])
+
+
+def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
+                      bits, need_dx, dx, need_dr, dr, dw, db, n_blocks):
+    """Column-wise backward of the fused op (see mid_act_backward); dz is recomputed for dx."""
+    n_r, n_c = x.shape
+    per_block = (n_r + n_blocks - 1) // n_blocks
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    for c in range(n_c):
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    s1_part = np.zeros((n_blocks, n_c))
+    s2_part = np.zeros((n_blocks, n_c))
+    for blk in prange(n_blocks):
+        z = np.empty(n_c)
+        g = np.empty(n_c)
+        for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+            if code == 3 or code == 4:
+                _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
+            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g)
+            for c in range(n_c):
+                s1_part[blk, c] += g[c]
+                s2_part[blk, c] += g[c] * (np.float64(x[row, c]) - stats[0, c])
+            if need_dr:
+                for c in range(n_c):
+                    dr[row, c] = g[c]
+    p = np.empty(n_c)
+    q = np.empty(n_c)
+    zc = np.empty(n_c)
+    for c in range(n_c):
+        sdz = 0.0
+        sdzx = 0.0
+        for blk in range(n_blocks):
+            sdz += s1_part[blk, c]
+            sdzx += s2_part[blk, c]
+        rs = stats[2, c]
+        dw[c] = sdzx * rs
+        db[c] = sdz
+        p[c] = rs * w[c] if has_w else rs
+        q[c] = -p[c] * rs * rs * sdzx / n_r if batch_stats else 0.0
+        zc[c] = (-p[c] * sdz / n_r if batch_stats else 0.0) - q[c] * stats[0, c]
+    if need_dx:
+        for blk in prange(n_blocks):
+            z = np.empty(n_c)
+            g = np.empty(n_c)
+            for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+                if code == 3 or code == 4:
+                    _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
+                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g)
+                for c in range(n_c):
+                    dx[row, c] = g[c] * p[c] + x[row, c] * q[c] + zc[c]
+
+
+_KERNELS = {fn.__name__: fn for fn in (mid_act_forward, mid_act_backward, cols_act_forward,
+                                       cols_act_backward)}
+parallel = types.SimpleNamespace(**{n: _compile(f, True) for n, f in _KERNELS.items()})
+serial = types.SimpleNamespace(**{n: _compile(f, False) for n, f in _KERNELS.items()})
