@@ -25,6 +25,7 @@ name = "cpu"
 _DTYPES = (torch.float32, torch.float64)
 _BLOCKS = 64  # fixed number of row blocks for partial sums: results never depend on threads
 SERIAL_BELOW = 1 << 16  # elements; smaller calls skip the thread pool
+SHORT_ROW_BYTES = 4096  # BatchNorm rows shorter than a page are walked in memory order
 _NO_PARAM = {1: np.ones(1), 2: np.ones((1, 1))}
 
 
@@ -60,6 +61,12 @@ def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
     return t.detach().numpy().reshape(shape)
 
 
+def _short_rows(plan: Plan, x: Tensor) -> bool:
+    """BatchNorm over several samples whose per-channel rows are shorter than a page."""
+    return (plan.kind == "mid" and plan.A > 1 and plan.J == 1 and plan.Wm == plan.M
+            and plan.S * x.element_size() < SHORT_ROW_BYTES)
+
+
 def _blocks(rows: int) -> int:
     return max(1, min(rows, _BLOCKS))
 
@@ -80,6 +87,8 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
             k.mid_forward_given(xv, w, b, *flags, m, v, eps, yv, stats)
     elif plan.kind == "cols":
         k.cols_forward_train(xv, w, b, *flags, eps, yv, stats, _blocks(plan.A))
+    elif _short_rows(plan, x):
+        k.rowwise_forward_train(xv, w, b, *flags, eps, yv, stats)
     else:
         kernel = {"mid": k.mid_forward_train, "rows": k.rows_forward_train,
                   "nsc": k.nsc_forward_train}[plan.kind]
@@ -112,7 +121,8 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     else:
         dw_part = np.empty((plan.M, plan.J))
         db_part = np.empty_like(dw_part)
-        k.mid_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
+        kernel = k.rowwise_backward if _short_rows(plan, x) else k.mid_backward
+        kernel(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
         # Items sharing an affine row (m % Wm) are summed in a fixed order.
         dw = dw_part.reshape(-1, plan.Wm, plan.J).sum(0)
         db = db_part.reshape(-1, plan.Wm, plan.J).sum(0)

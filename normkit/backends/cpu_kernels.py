@@ -69,24 +69,106 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
 
 
 def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
-    """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean))."""
+    """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean)).
+
+    Purely elementwise, so it walks memory in order: (a, m) rows in parallel."""
     n_a, n_m, n_j, n_s = x.shape
     n_w = w.shape[0]
     n_stat = mean.shape[0]
-    for m in prange(n_m):
-        mu = np.float64(mean[m % n_stat])
-        v = np.float64(var[m % n_stat])
-        rstd = 1.0 / np.sqrt(v + eps)
-        stats[0, m] = mu
-        stats[1, m] = v
-        stats[2, m] = rstd
+    for m in range(n_m):
+        stats[0, m] = mean[m % n_stat]
+        stats[1, m] = var[m % n_stat]
+        stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+    for am in prange(n_a * n_m):
+        a = am // n_m
+        m = am % n_m
         k = m % n_w
+        for j in range(n_j):
+            alpha = stats[2, m] * w[k, j] if has_w else stats[2, m]
+            beta = (b[k, j] if has_b else 0.0) - stats[0, m] * alpha
+            for s in range(n_s):
+                y[a, m, j, s] = x[a, m, j, s] * alpha + beta
+
+
+def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats):
+    """mid_forward_train for BatchNorm with short rows (A, M, 1, S): memory-order passes.
+
+    Channel-by-channel walks jump a whole sample between rows shorter than a page, which
+    costs a TLB miss per row; here each sample a (a fixed block) accumulates per-channel
+    shifted sums in order, the blocks are merged in order, and a second in-order pass
+    normalizes."""
+    n_a, n_m, _, n_s = x.shape
+    s1_part = np.zeros((n_a, n_m))
+    s2_part = np.zeros((n_a, n_m))
+    shift = np.empty(n_m)
+    for m in range(n_m):
+        shift[m] = x[0, m, 0, 0]
+    for a in prange(n_a):
+        for m in range(n_m):
+            s1 = 0.0
+            s2 = 0.0
+            for s in range(n_s):
+                d = np.float64(x[a, m, 0, s]) - shift[m]
+                s1 += d
+                s2 += d * d
+            s1_part[a, m] = s1
+            s2_part[a, m] = s2
+    for m in range(n_m):
+        s1 = 0.0
+        s2 = 0.0
         for a in range(n_a):
-            for j in range(n_j):
-                alpha = rstd * w[k, j] if has_w else rstd
-                beta = (b[k, j] if has_b else 0.0) - mu * alpha
-                for s in range(n_s):
-                    y[a, m, j, s] = x[a, m, j, s] * alpha + beta
+            s1 += s1_part[a, m]
+            s2 += s2_part[a, m]
+        _finish(s1, s2, shift[m], n_a * n_s, eps, stats, m)
+    for am in prange(n_a * n_m):
+        a = am // n_m
+        m = am % n_m
+        alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
+        beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
+        for s in range(n_s):
+            y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
+
+
+def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
+    """mid_backward for BatchNorm with short rows, in memory order (see rowwise_forward_train).
+
+    dw_part / db_part are (M, 1): the per-channel sums of dy·xhat and dy."""
+    n_a, n_m, _, n_s = x.shape
+    count = n_a * n_s
+    sdy_part = np.zeros((n_a, n_m))
+    sdyx_part = np.zeros((n_a, n_m))
+    for a in prange(n_a):
+        for m in range(n_m):
+            mu = stats[0, m]
+            s1 = 0.0
+            s2 = 0.0
+            for s in range(n_s):
+                d = np.float64(dy[a, m, 0, s])
+                s1 += d
+                s2 += d * (np.float64(x[a, m, 0, s]) - mu)
+            sdy_part[a, m] = s1
+            sdyx_part[a, m] = s2
+    p = np.empty(n_m)
+    q = np.empty(n_m)
+    z = np.empty(n_m)
+    for m in range(n_m):
+        sdy = 0.0
+        sdyx = 0.0
+        for a in range(n_a):
+            sdy += sdy_part[a, m]
+            sdyx += sdyx_part[a, m]
+        r = stats[2, m]
+        dw_part[m, 0] = sdyx * r
+        db_part[m, 0] = sdy
+        p[m] = r * w[m, 0] if has_w else r
+        q[m] = -p[m] * r * r * sdyx / count if batch_stats else 0.0
+        z[m] = (-p[m] * sdy / count if batch_stats else 0.0) - q[m] * stats[0, m]
+    if need_dx:
+        for am in prange(n_a * n_m):
+            a = am // n_m
+            m = am % n_m
+            for s in range(n_s):
+                dx[a, m, 0, s] = dy[a, m, 0, s] * p[m] + x[a, m, 0, s] * q[m] + z[m]
 
 
 def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
@@ -344,7 +426,8 @@ def _compile(fn, parallel: bool):
 
 _KERNELS = {
     fn.__name__: fn
-    for fn in (mid_forward_train, mid_forward_given, mid_backward, rows_forward_train,
+    for fn in (mid_forward_train, mid_forward_given, mid_backward, rowwise_forward_train,
+               rowwise_backward, rows_forward_train,
                rows_backward, cols_forward_train, cols_forward_given, cols_backward,
                nsc_forward_train, nsc_backward)
 }
