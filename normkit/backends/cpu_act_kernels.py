@@ -25,7 +25,7 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _z_row(x_row, r_row, has_r, alpha, beta, z):
     """z = x * alpha + beta (+ r) for one row, into the float64 buffer z."""
     n = z.shape[0]
@@ -37,7 +37,7 @@ def _z_row(x_row, r_row, has_r, alpha, beta, z):
             z[i] = x_row[i] * alpha + beta
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
     """z = x * alpha[c] + beta[c] (+ r) for one channels-last row, into z."""
     n = z.shape[0]
@@ -49,7 +49,7 @@ def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
             z[i] = x_row[i] * alpha[i] + beta[i]
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _act_row(z, code, slope, out_row, bits_row):
     """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0."""
     n = z.shape[0]
@@ -77,7 +77,7 @@ def _act_row(z, code, slope, out_row, bits_row):
             bits_row[byte] = v
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _grad_row(dout_row, z, code, slope, bits_row, g):
     """g = dL/dz for one row: from the mask (relu family) or from z (silu, gelu)."""
     n = g.shape[0]

@@ -12,7 +12,8 @@ E[x²]-E[x]² cancellation); a mid/rows/nsc item is normalized right after its s
 its data is still in cache. Reductions run in a fixed order (prange only splits independent
 items; block partials are merged in block order), so results are bitwise reproducible and do
 not depend on the thread count. `fastmath` is limited to reassociation/contraction (no NaN/Inf
-assumptions), which lets LLVM vectorize the sums.
+assumptions), which lets LLVM vectorize the sums; division follows IEEE (error_model="numpy"),
+so eps=0 with a constant input gives inf/NaN as torch does, not ZeroDivisionError.
 
 Every kernel exists twice: `parallel` (prange over threads) and `serial` (for small tensors,
 where waking the thread pool costs more than the work). Statistics are returned in a (3, M)
@@ -29,7 +30,7 @@ from numba import njit, prange
 FASTMATH = {"reassoc", "contract"}
 
 
-@njit(inline="always", cache=True, fastmath=FASTMATH)
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _finish(s1, s2, shift, count, eps, stats, m):
     """Store (mean, biased var, rstd) of item m from shifted sums Σ(x-shift), Σ(x-shift)²."""
     mu = s1 / count
@@ -421,7 +422,8 @@ def _compile(fn, parallel: bool):
     clone = types.FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_{suffix}",
                                fn.__defaults__, fn.__closure__)
     clone.__qualname__ = clone.__name__
-    return njit(parallel=parallel, cache=True, fastmath=FASTMATH, nogil=True)(clone)
+    return njit(parallel=parallel, cache=True, fastmath=FASTMATH, nogil=True,
+                error_model="numpy")(clone)
 
 
 _KERNELS = {
