@@ -349,71 +349,88 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_bl
 
 
 def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats):
-    """Per (n, g) over (s, cg): y = (x - mean) * rstd * w[g, cg] + b[g, cg]; stats[:, n*G + g]."""
+    """Per (n, g) over (s, cg): y = (x - mean) * rstd * w[g, cg] + b[g, cg]; stats[:, n*G + g].
+
+    Each sample is a channels-last (S, C) slab: per-channel shifted sums run along whole rows
+    of C contiguous values (vectorizable), then the channels of each group are merged."""
     n_n, n_s, n_g, n_cg = x.shape
+    n_c = n_g * n_cg
     count = n_s * n_cg
     for n in prange(n_n):
-        shift = np.empty(n_g)
-        s1 = np.zeros(n_g)
-        s2 = np.zeros(n_g)
-        for g in range(n_g):
-            shift[g] = x[n, 0, g, 0]
+        xs = x[n].reshape(n_s, n_c)
+        ys = y[n].reshape(n_s, n_c)
+        shift = np.empty(n_c)
+        for c in range(n_c):
+            shift[c] = xs[0, (c // n_cg) * n_cg]
+        s1 = np.zeros(n_c)
+        s2 = np.zeros(n_c)
         for s in range(n_s):
-            for g in range(n_g):
-                for cg in range(n_cg):
-                    d = np.float64(x[n, s, g, cg]) - shift[g]
-                    s1[g] += d
-                    s2[g] += d * d
-        alpha = np.empty((n_g, n_cg))
-        beta = np.empty((n_g, n_cg))
+            for c in range(n_c):
+                d = np.float64(xs[s, c]) - shift[c]
+                s1[c] += d
+                s2[c] += d * d
+        alpha = np.empty(n_c)
+        beta = np.empty(n_c)
         for g in range(n_g):
             m = n * n_g + g
-            _finish(s1[g], s2[g], shift[g], count, eps, stats, m)
+            g1 = 0.0
+            g2 = 0.0
             for cg in range(n_cg):
-                alpha[g, cg] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
-                beta[g, cg] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[g, cg]
+                g1 += s1[g * n_cg + cg]
+                g2 += s2[g * n_cg + cg]
+            _finish(g1, g2, shift[g * n_cg], count, eps, stats, m)
+            for cg in range(n_cg):
+                c = g * n_cg + cg
+                alpha[c] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
+                beta[c] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[c]
         for s in range(n_s):
-            for g in range(n_g):
-                for cg in range(n_cg):
-                    y[n, s, g, cg] = x[n, s, g, cg] * alpha[g, cg] + beta[g, cg]
+            for c in range(n_c):
+                ys[s, c] = xs[s, c] * alpha[c] + beta[c]
 
 
 def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
     """GroupNorm channels_last backward; dw/db partials per sample n: (N, G, Cg)."""
     n_n, n_s, n_g, n_cg = x.shape
+    n_c = n_g * n_cg
     count = n_s * n_cg
     for n in prange(n_n):
-        sdy = np.zeros((n_g, n_cg))
-        sdyx = np.zeros((n_g, n_cg))
+        xs = x[n].reshape(n_s, n_c)
+        dys = dy[n].reshape(n_s, n_c)
+        mean_c = np.empty(n_c)
+        for c in range(n_c):
+            mean_c[c] = stats[0, n * n_g + c // n_cg]
+        sdy = np.zeros(n_c)
+        sdyx = np.zeros(n_c)
         for s in range(n_s):
-            for g in range(n_g):
-                mu = stats[0, n * n_g + g]
-                for cg in range(n_cg):
-                    d = np.float64(dy[n, s, g, cg])
-                    sdy[g, cg] += d
-                    sdyx[g, cg] += d * (np.float64(x[n, s, g, cg]) - mu)
-        p = np.empty((n_g, n_cg))
-        q = np.empty(n_g)
-        z = np.empty(n_g)
+            for c in range(n_c):
+                d = np.float64(dys[s, c])
+                sdy[c] += d
+                sdyx[c] += d * (np.float64(xs[s, c]) - mean_c[c])
+        p = np.empty(n_c)
+        q = np.empty(n_c)
+        z = np.empty(n_c)
         for g in range(n_g):
             m = n * n_g + g
             r = stats[2, m]
             sum_g = 0.0
             sum_gx = 0.0
             for cg in range(n_cg):
-                dw_part[n, g, cg] = sdyx[g, cg] * r
-                db_part[n, g, cg] = sdy[g, cg]
+                c = g * n_cg + cg
+                dw_part[n, g, cg] = sdyx[c] * r
+                db_part[n, g, cg] = sdy[c]
                 wj = w[g, cg] if has_w else 1.0
-                sum_g += sdy[g, cg] * wj
-                sum_gx += sdyx[g, cg] * r * wj
-                p[g, cg] = r * wj
-            q[g] = -r * r * sum_gx / count
-            z[g] = -r * sum_g / count - q[g] * stats[0, m]
+                sum_g += sdy[c] * wj
+                sum_gx += sdyx[c] * r * wj
+                p[c] = r * wj
+            for cg in range(n_cg):
+                c = g * n_cg + cg
+                q[c] = -r * r * sum_gx / count
+                z[c] = -r * sum_g / count - q[c] * stats[0, m]
         if need_dx:
+            dxs = dx[n].reshape(n_s, n_c)
             for s in range(n_s):
-                for g in range(n_g):
-                    for cg in range(n_cg):
-                        dx[n, s, g, cg] = dy[n, s, g, cg] * p[g, cg] + x[n, s, g, cg] * q[g] + z[g]
+                for c in range(n_c):
+                    dxs[s, c] = dys[s, c] * p[c] + xs[s, c] * q[c] + z[c]
 
 
 def _compile(fn, parallel: bool):
