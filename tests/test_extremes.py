@@ -120,3 +120,4 @@ def test_failed_forward_leaves_torch_identical_state():
             m(torch.randn(1, 3))
         assert int(m.num_batches_tracked) == 1
         assert torch.equal(m.running_mean, torch.zeros(3))
+

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from parity import LOW_PRECISION, assert_matches, compare_modules, outcome
 
-EXAMPLES = int(os.environ.get("NORMKIT_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("NORMKIT_FUZZ_EXAMPLES", "400"))
 SEED = os.environ.get("NORMKIT_FUZZ_SEED")
 FUZZ = settings(max_examples=EXAMPLES, derandomize=SEED is None, deadline=None,
                 suppress_health_check=list(HealthCheck))
