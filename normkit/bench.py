@@ -2,9 +2,9 @@
 
 Ideal bytes: forward 2x the input's bytes (read x, write y); forward+backward 5x (read x,
 write y, read dy, read x, write dx); fused BN+add+ReLU forward+backward 7x (read x and the
-residual, write y; read dy and x, write dx and the residual's grad). Each row also gives the % of a copy bandwidth measured in
-the same run (bytes read + written by `dst.copy_(src)` on a 256 MiB buffer). Before timing,
-normkit's result is checked against torch's once.
+residual, write y; read dy and x, write dx and the residual's grad). Each row also gives the
+% of a copy bandwidth measured in the same run (bytes read + written by `dst.copy_(src)` on
+a 256 MiB buffer). Before timing, normkit's result is checked against torch's once.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -95,7 +94,9 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
         _checks.verify_batch_size(input.size())
     _checks.check_eps(eps, training)
     if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+        raise TypeError(
+            "batch_norm(): argument 'momentum' (position 7) must be float, not NoneType"
+        )
     if training:
         _checks.check_running_pair(running_mean, running_var)
     if input.numel() == 0:
@@ -140,7 +141,8 @@ def batch_norm_act(
     check_act(act)
     if residual is not None and residual.shape != input.shape:
         raise ValueError(
-            f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
+            f"residual must have the input's shape {tuple(input.shape)}, "
+            f"got {tuple(residual.shape)}"
         )
     if _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
         out = _empty_output(input, weight, bias)

@@ -1,6 +1,5 @@
 """FrozenBatchNorm2d, freeze, convert, fold_batchnorm and update_bn_stats."""
 
-import copy
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """SyncBatchNorm: single-process fallback, convert_sync_batchnorm, and 2-3 gloo ranks on CPU."""
 
-import os
 
 import pytest
 import torch

@@ -205,7 +205,7 @@ def _plan(x, weight, bias, dims, mean, shape) -> Plan | None:
         if param.device.type != "cpu":
             return None
         shape = param.shape if shape is None else shape
-        param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape) if len(shape) < x.dim() else shape
+        param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape)
     plan = plan_for(x, dims, param_shape)
     if plan is None or (mean is not None and (
             plan.kind not in ("mid", "cols") or mean.device.type != "cpu")):

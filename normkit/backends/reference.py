@@ -84,7 +84,7 @@ def differentiable_backward(dy, x, weight, bias, mean, rstd, dims, eps, batch_st
 
 
 class _Normalize(torch.autograd.Function):
-    """y = (x - mean) * rstd * weight + bias with a hand-derived, itself differentiable, backward."""
+    """y = (x - mean) * rstd * weight + bias, with a hand-derived differentiable backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, dims, eps):

@@ -71,4 +71,5 @@ def run_demo(out_dir: str | Path, quick: bool = False, seed: int = 0,
     print("wrote:")
     for f in files:
         print(f"  {f}")
-    return {name: section.numbers for name, section in sections} | {"files": [str(f) for f in files]}
+    numbers = {name: section.numbers for name, section in sections}
+    return numbers | {"files": [str(f) for f in files]}

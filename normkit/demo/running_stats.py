@@ -45,7 +45,8 @@ def run() -> Section:
                          fmt(theirs.running_mean), fmt(mean_f), fmt(ours.running_var),
                          fmt(theirs.running_var), fmt(var_f), "yes" if ok else "NO"])
             numbers[f"{layer}_step{step}"] = {
-                "normkit_mean": ours.running_mean.tolist(), "torch_mean": theirs.running_mean.tolist(),
+                "normkit_mean": ours.running_mean.tolist(),
+                "torch_mean": theirs.running_mean.tolist(),
                 "formula_mean": mean_f.tolist(), "normkit_var": ours.running_var.tolist(),
                 "torch_var": theirs.running_var.tolist(), "formula_var": var_f.tolist()}
     numbers["all_agree"] = agree
