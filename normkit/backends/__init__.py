@@ -3,9 +3,8 @@
 `normkit.functional` calls `backend_for(x).normalize(...)`, `.update_running_stats(...)` and
 `.batch_norm_act(...)`; a backend is a module exposing `name` and those three functions with
 the contracts of `normkit.backends.reference` (a backend hands calls
-it has no kernel for to the reference). Automatic choice: `reference` while torch.compile /
-torch.export trace, else `cpu` (numba kernels) for CPU tensors when numba imports, else
-`reference`.
+it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels; custom ops while
+torch.compile / torch.export trace) for CPU tensors when numba imports, else `reference`.
 The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,
 or the environment variable ``NORMKIT_BACKEND`` (read at import).
 """
@@ -61,10 +60,6 @@ def backend_for(x: Tensor) -> ModuleType:
     """The backend that computes normalization of `x`."""
     if _forced is not None:
         return _BACKENDS[_forced]
-    if torch.compiler.is_compiling():
-        # Inside torch.compile / torch.export the reference math is traced into the graph
-        # (and fused by Inductor); the numba kernels are opaque to the tracer.
-        return reference
     if x.device.type == "cpu" and cpu.is_available():
         return cpu
     return reference

@@ -187,12 +187,23 @@ def normalize(
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
+    if torch.compiler.is_compiling():
+        return _traced_normalize(plan, x, weight, bias, eps, mean, var)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad))
     if needs_grad:
         return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
     y, stats = _forward(plan, x, weight, bias, eps, mean, var)
+    return (y, *_stats_outputs(stats, mean, var))
+
+
+def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
+    """The kernels as custom ops: what torch.compile / torch.export put in their graphs."""
+    from normkit.backends import cpu_ops
+
+    sizes = [plan.A, plan.M, plan.J, plan.S, plan.Wm]
+    y, stats = cpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
     return (y, *_stats_outputs(stats, mean, var))
 
 
@@ -217,7 +228,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          count: int, momentum: float) -> None:
     """`reference.update_running_stats`, in numpy for float32/float64 CPU buffers."""
     buffers = (running_mean, running_var, mean, var)
-    if any(t.device.type != "cpu" or t.dtype not in _DTYPES or t.requires_grad for t in buffers):
+    if torch.compiler.is_compiling() or any(
+            t.device.type != "cpu" or t.dtype not in _DTYPES or t.requires_grad for t in buffers):
         reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return
     correction = count / (count - 1) if count > 1 else 1.0
@@ -232,7 +244,9 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
     """`reference.batch_norm_act`, on the fused kernels of `cpu_act` when they cover the call."""
     from normkit.backends import cpu_act
 
-    plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean)
+    plan = None
+    if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
+        plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean)
     if plan is None:
         return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
                                         training, momentum, eps, act, negative_slope,

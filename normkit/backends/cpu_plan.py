@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
+import torch
 from torch import Tensor
 
 
@@ -118,4 +118,6 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...], dims: tuple[int, ...
 def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None) -> Plan | None:
     """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`
     (right-aligned to x's rank), or None."""
+    if torch.compiler.is_compiling():  # traced code calls the plain function
+        return _plan.__wrapped__(tuple(x.shape), tuple(x.stride()), dims, param_shape)
     return _plan(x.shape, x.stride(), dims, param_shape)
