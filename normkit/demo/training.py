@@ -86,7 +86,7 @@ def train(batch_norm: bool, lr: float, data, epochs: int, seed: int, progress: b
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.detach().item() * len(idx)
             count += len(idx)
         losses.append(total / count)
         accuracies.append(evaluate(model, x_test, y_test))
