@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-import torch
 from torch import Tensor
 
 from normkit.backends import cpu, reference

@@ -19,7 +19,15 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from normkit.backends.cpu_kernels import FASTMATH, _compile, _finish
+from normkit.backends.cpu_kernels import (
+    FASTMATH,
+    _cols_affine_coefficients,
+    _cols_grad_coefficients,
+    _cols_merge_stats,
+    _cols_shifted_sums,
+    _compile,
+    _finish,
+)
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -186,23 +194,12 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
         for c in range(n_c):
             shift[c] = x[0, c]
         for blk in prange(n_blocks):
-            for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-                for c in range(n_c):
-                    d = np.float64(x[row, c]) - shift[c]
-                    s1_part[blk, c] += d
-                    s2_part[blk, c] += d * d
-        for c in range(n_c):
-            s1 = 0.0
-            s2 = 0.0
-            for blk in range(n_blocks):
-                s1 += s1_part[blk, c]
-                s2 += s2_part[blk, c]
-            _finish(s1, s2, shift[c], n_r, eps, stats, c)
+            _cols_shifted_sums(x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
+                               s1_part[blk], s2_part[blk])
+        _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
-    for c in range(n_c):
-        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
-        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
     for blk in prange(n_blocks):
         z = np.empty(n_c)
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
@@ -217,9 +214,7 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
-    for c in range(n_c):
-        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
-        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
     for blk in prange(n_blocks):
@@ -238,18 +233,8 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
     p = np.empty(n_c)
     q = np.empty(n_c)
     zc = np.empty(n_c)
-    for c in range(n_c):
-        sdz = 0.0
-        sdzx = 0.0
-        for blk in range(n_blocks):
-            sdz += s1_part[blk, c]
-            sdzx += s2_part[blk, c]
-        rs = stats[2, c]
-        dw[c] = sdzx * rs
-        db[c] = sdz
-        p[c] = rs * w[c] if has_w else rs
-        q[c] = -p[c] * rs * rs * sdzx / n_r if batch_stats else 0.0
-        zc[c] = (-p[c] * sdz / n_r if batch_stats else 0.0) - q[c] * stats[0, c]
+    _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q,
+                            zc)
     if need_dx:
         for blk in prange(n_blocks):
             z = np.empty(n_c)

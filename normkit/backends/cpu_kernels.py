@@ -42,6 +42,54 @@ def _finish(s1, s2, shift, count, eps, stats, m):
     stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_shifted_sums(x, lo, hi, shift, s1, s2):
+    """s1[c] += Σ(x[r, c] - shift[c]), s2[c] += Σ(...)² over rows lo..hi-1 (one block)."""
+    for r in range(lo, hi):
+        for c in range(x.shape[1]):
+            d = np.float64(x[r, c]) - shift[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_merge_stats(s1_part, s2_part, shift, count, eps, stats):
+    """Per-column statistics from block partial sums, merged in block order."""
+    for c in range(shift.shape[0]):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(s1_part.shape[0]):
+            s1 += s1_part[blk, c]
+            s2 += s2_part[blk, c]
+        _finish(s1, s2, shift[c], count, eps, stats, c)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta):
+    """alpha[c] = rstd[c] * w[c], beta[c] = b[c] - mean[c] * alpha[c]."""
+    for c in range(alpha.shape[0]):
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, count, dw, db, p, q,
+                            z):
+    """From block partials of Σg and Σg·(x - mean): dw, db and dx = g·p + x·q + z per column."""
+    for c in range(p.shape[0]):
+        sg = 0.0
+        sgx = 0.0
+        for blk in range(s1_part.shape[0]):
+            sg += s1_part[blk, c]
+            sgx += s2_part[blk, c]
+        r = stats[2, c]
+        dw[c] = sgx * r
+        db[c] = sg
+        p[c] = r * w[c] if has_w else r
+        q[c] = -p[c] * r * r * sgx / count if batch_stats else 0.0
+        z[c] = (-p[c] * sg / count if batch_stats else 0.0) - q[c] * stats[0, c]
+
+
 def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
     """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j]; stats over (a, j, s)."""
     n_a, n_m, n_j, n_s = x.shape
@@ -274,22 +322,12 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
     for c in range(n_c):
         shift[c] = x[0, c]
     for blk in prange(n_blocks):
-        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            for c in range(n_c):
-                d = np.float64(x[r, c]) - shift[c]
-                s1_part[blk, c] += d
-                s2_part[blk, c] += d * d
+        _cols_shifted_sums(x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
+                           s1_part[blk], s2_part[blk])
+    _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
-    for c in range(n_c):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(n_blocks):
-            s1 += s1_part[blk, c]
-            s2 += s2_part[blk, c]
-        _finish(s1, s2, shift[c], n_r, eps, stats, c)
-        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
-        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
     for blk in prange(n_blocks):
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             for c in range(n_c):
@@ -299,14 +337,13 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks):
     """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
     n_r, n_c = x.shape
-    alpha = np.empty(n_c)
-    beta = np.empty(n_c)
     for c in range(n_c):
         stats[0, c] = mean[c]
         stats[1, c] = var[c]
         stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
-        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
-        beta[c] = (b[c] if has_b else 0.0) - stats[0, c] * alpha[c]
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
     per_block = (n_r + n_blocks - 1) // n_blocks
     for blk in prange(n_blocks):
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
@@ -329,18 +366,7 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_bl
     p = np.empty(n_c)
     q = np.empty(n_c)
     z = np.empty(n_c)
-    for c in range(n_c):
-        sdy = 0.0
-        sdyx = 0.0
-        for blk in range(n_blocks):
-            sdy += s1_part[blk, c]
-            sdyx += s2_part[blk, c]
-        r = stats[2, c]
-        dw[c] = sdyx * r
-        db[c] = sdy
-        p[c] = r * w[c] if has_w else r
-        q[c] = -p[c] * r * r * sdyx / n_r if batch_stats else 0.0
-        z[c] = (-p[c] * sdy / n_r if batch_stats else 0.0) - q[c] * stats[0, c]
+    _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
         for blk in prange(n_blocks):
             for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
