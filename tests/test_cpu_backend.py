@@ -6,7 +6,7 @@ import torch
 import normkit
 import normkit.functional as nF
 from normkit.backends import backend_for, cpu, reference
-from normkit.backends.cpu_plan import plan_for
+from normkit.backends.plan import plan_for
 
 
 def _kernel_ran(y: torch.Tensor) -> bool:

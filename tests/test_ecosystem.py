@@ -144,7 +144,7 @@ def test_compiled_graph_calls_normkit_kernels():
 def test_custom_ops_pass_opcheck():
     """torch.library.opcheck: schema, fake implementation and autograd registration agree."""
     from normkit.backends import cpu_ops
-    from normkit.backends.cpu_plan import plan_for
+    from normkit.backends.plan import plan_for
 
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)

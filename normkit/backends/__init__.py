@@ -4,7 +4,8 @@
 `.batch_norm_act(...)`; a backend is a module exposing `name` and those three functions with
 the contracts of `normkit.backends.reference` (a backend hands calls
 it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels; custom ops while
-torch.compile / torch.export trace) for CPU tensors when numba imports, else `reference`.
+torch.compile / torch.export trace) for CPU tensors when numba imports, `triton` (Triton kernels)
+for CUDA tensors when triton imports, else `reference`.
 The choice can be forced with `set_backend(name)`, the `use_backend(name)` context manager,
 or the environment variable ``NORMKIT_BACKEND`` (read at import).
 """
@@ -18,9 +19,9 @@ from types import ModuleType
 
 from torch import Tensor
 
-from normkit.backends import cpu, reference
+from normkit.backends import cpu, gpu, reference
 
-_BACKENDS: dict[str, ModuleType] = {reference.name: reference, cpu.name: cpu}
+_BACKENDS: dict[str, ModuleType] = {reference.name: reference, cpu.name: cpu, gpu.name: gpu}
 _forced: str | None = os.environ.get("NORMKIT_BACKEND") or None
 
 
@@ -61,4 +62,6 @@ def backend_for(x: Tensor) -> ModuleType:
         return _BACKENDS[_forced]
     if x.device.type == "cpu" and cpu.is_available():
         return cpu
+    if x.device.type == "cuda" and gpu.is_available():
+        return gpu
     return reference

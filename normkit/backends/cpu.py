@@ -18,7 +18,7 @@ from torch.autograd.graph import increment_version
 
 from normkit._layout import with_strides_of
 from normkit.backends import cpu_buffers, reference
-from normkit.backends.cpu_plan import Plan, plan_for
+from normkit.backends.plan import Plan, plan_for
 
 name = "cpu"
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from normkit._layout import with_strides_of
 from normkit.backends import cpu, cpu_buffers
-from normkit.backends.cpu_plan import Plan
+from normkit.backends.plan import Plan
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 _NO_BITS = np.zeros((1, 1, 1), dtype=np.uint8)

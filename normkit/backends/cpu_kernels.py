@@ -1,6 +1,6 @@
 """numba kernels of the CPU backend (fp32/fp64 data, fp64 accumulation).
 
-Four memory shapes cover every op (see `normkit.backends.cpu_plan`):
+Four memory shapes cover every op (see `normkit.backends.plan`):
 - mid  (A, M, J, S): statistics per m over (a, j, s); affine per (m % Wm, j). BatchNorm NCHW
   (A=N, M=C), InstanceNorm (M=N*C), GroupNorm NCHW (M=N*G, J=C/G).
 - rows (R, K): statistics per row, affine per column (LayerNorm).

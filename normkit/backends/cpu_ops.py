@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normkit.backends.cpu_plan import Plan
+from normkit.backends.plan import Plan
 
 
 @torch.library.custom_op("normkit::cpu_normalize_forward", mutates_args=())

@@ -1,4 +1,5 @@
-"""How a normalize call maps onto the CPU kernels' memory shapes (mid, rows, cols, nsc).
+"""How a normalize call maps onto the kernels' memory shapes (mid, rows, cols, nsc); shared by
+the CPU (numba) and GPU (Triton) backends.
 
 A plan says which kernel family serves the call, how to view the dense input's memory as that
 family's array, and how the broadcast weight lines up with it. `plan_for` returns None for calls

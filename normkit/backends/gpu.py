@@ -1,0 +1,164 @@
+"""GPU backend ("triton"): Triton kernels for CUDA tensors of float16/bfloat16/float32/float64.
+
+`normalize` has the contract of `normkit.backends.reference.normalize`. Statistics accumulate in
+float32 (float64 for float64 input). Calls no kernel covers (layouts without a plan, empty
+tensors, LayerNorm rows longer than `gpu_launch.MAX_ROW`, tracing by torch.compile) are handed
+to the reference backend. First-order backward runs in the kernels; create_graph=True uses the
+differentiable reference backward, so double backward works.
+
+Triton is imported only when a kernel is first launched. With ``TRITON_INTERPRET=1`` the kernels
+also run on CPU tensors (Triton's interpreter, slow): that is how the test suite checks them on
+machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from normkit._layout import with_strides_of
+from normkit.backends import reference
+from normkit.backends.plan import Plan, plan_for
+
+name = "triton"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.cache
+def is_available() -> bool:
+    """True when triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_on(t: Tensor) -> bool:
+    """True when the kernels can run on t's device."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
+
+
+def _launch():
+    from normkit.backends import gpu_launch
+
+    return gpu_launch
+
+
+def _plan(x: Tensor, weight, bias, dims, mean, shape) -> Plan | None:
+    if x.dtype not in _DTYPES or not runs_on(x) or not is_available():
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    param = weight if weight is not None else bias
+    param_shape = None
+    if param is not None:
+        if param.device != x.device:
+            return None
+        shape = param.shape if shape is None else shape
+        param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape)
+    plan = plan_for(x, dims, param_shape)
+    if plan is None or not _launch().rows_supported(plan):
+        return None
+    if mean is not None and (plan.kind not in ("mid", "cols") or plan.J != 1
+                             or mean.device != x.device):
+        return None
+    return plan
+
+
+def _stats_outputs(stats: Tensor | None, mean, var) -> tuple[Tensor, Tensor]:
+    if stats is None:
+        return mean, var
+    return stats[0], stats[1]
+
+
+class _TritonNormalize(torch.autograd.Function):
+    """`reference._Normalize`'s contract, computed by the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape):
+        y, stats, coef = _launch().forward(plan, x, weight, bias, eps, mean, var)
+        ctx.save_for_backward(x, weight, bias, stats, coef)
+        ctx.dims, ctx.eps, ctx.plan, ctx.shape = dims, eps, plan, shape
+        mean_out, var_out = _stats_outputs(stats, mean, var)
+        ctx.mark_non_differentiable(mean_out, var_out)
+        return y, mean_out, var_out
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, stats, coef = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        if torch.is_grad_enabled():
+            dx, dw, db = _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx)
+        else:
+            dx, dw, db = _launch().backward(ctx.plan, x, with_strides_of(dy, x), weight, stats,
+                                            coef, need_dx)
+        dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
+        db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx):
+    """Differentiable backward (create_graph=True) from the saved statistics."""
+    stat_shape = [1 if i in ctx.dims else n for i, n in enumerate(x.shape)]
+    # Given statistics have one sub per item (J == 1): the coefficients hold mean and rstd.
+    mean, rstd = (coef[0], coef[1]) if stats is None else (stats[0], stats[2])
+    w, b = (t if t is None or ctx.shape is None else t.view(ctx.shape) for t in (weight, bias))
+    return reference.differentiable_backward(
+        dy, x, w, b, mean.view(stat_shape), rstd.view(stat_shape), ctx.dims, ctx.eps,
+        stats is not None, need_dx)
+
+
+def normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: tuple[int, ...],
+    eps: float,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`reference.normalize`, on the Triton kernels when a plan covers the call."""
+    plan = _plan(x, weight, bias, dims, mean, shape)
+    if plan is None:
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
+    y, stats, _ = _launch().forward(plan, x, weight, bias, eps, mean, var)
+    return (y, *_stats_outputs(stats, mean, var))
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float) -> None:
+    """`reference.update_running_stats`, in one kernel for contiguous buffers."""
+    buffers = (running_mean, running_var, mean, var)
+    if (torch.compiler.is_compiling() or not is_available()
+            or any(not runs_on(t) or t.device != mean.device or t.requires_grad for t in buffers)
+            or not (running_mean.is_contiguous() and running_var.is_contiguous())):
+        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return
+    correction = count / (count - 1) if count > 1 else 1.0
+    with torch.no_grad():
+        _launch().update_running_stats(running_mean, running_var, mean, var, correction, momentum)
+    torch.autograd.graph.increment_version((running_mean, running_var))
+
+
+def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                   eps, act, negative_slope, memory_efficient) -> Tensor:
+    """`reference.batch_norm_act`: its composition calls this backend's `normalize`."""
+    return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
+                                    training, momentum, eps, act, negative_slope,
+                                    memory_efficient)

@@ -1,0 +1,428 @@
+"""Triton kernels of the GPU backend (launched by `normkit.backends.gpu_launch`).
+
+Every call is written over *sub-items*: the smallest runs of elements that share one weight
+channel and one statistics item (`gpu_launch.Geometry` says how a plan maps onto them).
+  - 'mid' memory (A, NSUB, S): sub q owns x[:, q, :] (BatchNorm NCHW, InstanceNorm, GroupNorm).
+  - 'cols' memory (P, Q, L): sub p*L + l owns x[p, :, l] (channels_last BatchNorm / GroupNorm).
+Item = sub // J (J subs per item), weight channel = sub % C.
+  - 'rows' memory (M, L): LayerNorm, one item per row, weight per column.
+
+Statistics: per-lane Welford, lanes and programs merged with Chan's formula in a fixed tree
+order (a fixed split count from the shape): no atomics, bitwise reproducible. Accumulation in
+float32 (float64 for float64 input): the accumulation dtype is the dtype of the partial /
+coefficient buffers. Float scalars arrive as float32 (hi, lo) pairs so float64 keeps eps exact.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chan(n1, m1, q1, n2, m2, q2):
+    """Chan et al.: (count, mean, M2) of the union of two disjoint sets."""
+    n = n1 + n2
+    w = tl.where(n > 0, n2 / tl.where(n > 0, n, 1.0), 0.0)
+    d = m2 - m1
+    return n, m1 + d * w, q1 + q2 + d * d * n1 * w
+
+
+@triton.jit
+def _combine_lanes(n, m, q, axis: tl.constexpr):
+    """(count, mean, M2) of the union of the lanes along `axis`: the count-weighted mean of
+    the lane means, then M2 = sum(q) + sum(n * (lane mean - mean)^2) (centred, no cancellation)."""
+    total = tl.sum(n, axis)
+    safe = tl.where(total > 0, total, 1.0)
+    mean = tl.sum(n * m, axis) / safe
+    d = m - tl.expand_dims(mean, axis)
+    return total, mean, tl.sum(q, axis) + tl.sum(n * d * d, axis)
+
+
+@triton.jit
+def _welford(n, m, q, x, mask):
+    """One Welford step per lane; masked lanes are left unchanged."""
+    n_new = n + tl.where(mask, 1.0, 0.0)
+    d = tl.where(mask, x - m, 0.0)
+    m = m + d / tl.where(n_new > 0, n_new, 1.0)
+    q = q + d * tl.where(mask, x - m, 0.0)
+    return n_new, m, q
+
+
+@triton.jit
+def _rstd(var, eps_hi, eps_lo):
+    """1 / sqrt(var + eps), correctly rounded."""
+    eps = tl.zeros_like(var) + eps_hi + eps_lo
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    return tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def mid_partials(
+    x_ptr,  # (A, NSUB, S) input
+    dy_ptr,  # (A, NSUB, S) output grad (BACKWARD only)
+    coef_ptr,  # (4, NSUB) forward coefficients, row 0 = mean (BACKWARD only)
+    part_ptr,  # (3, NSUB, SPLITS) acc dtype: Welford (n, mean, M2) or (sum dy, sum dy*xc, -)
+    NSUB, S, SPAN, CHUNK, SPLITS,
+    BACKWARD: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+):
+    """Per (sub, split): statistics of x, or the two backward sums, over a CHUNK of the
+    sub's SPAN = A * S elements (t -> a = t // S, s = t % S)."""
+    sub = tl.program_id(0)
+    split = tl.program_id(1)
+    if INT64:
+        sub = sub.to(tl.int64)
+    acc = part_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    n = tl.zeros([BLOCK], acc)
+    m = tl.zeros([BLOCK], acc)
+    q = tl.zeros([BLOCK], acc)
+    center = tl.load(coef_ptr + sub).to(acc) if BACKWARD else 0.0
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, SPAN)
+    for t0 in range(start, end, BLOCK):
+        t = t0 + offs
+        mask = t < end
+        if INT64:
+            t = t.to(tl.int64)
+        addr = (t // S) * NSUB * S + sub * S + t % S
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc)
+        if BACKWARD:
+            dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
+            m += dy
+            q += dy * tl.where(mask, x - center, 0.0)
+        else:
+            n, m, q = _welford(n, m, q, x, mask)
+    total = NSUB * SPLITS
+    idx = sub * SPLITS + split
+    if BACKWARD:
+        tl.store(part_ptr + idx, tl.sum(m, 0))
+        tl.store(part_ptr + total + idx, tl.sum(q, 0))
+    else:
+        n, m, q = _combine_lanes(n, m, q, 0)
+        tl.store(part_ptr + idx, n)
+        tl.store(part_ptr + total + idx, m)
+        tl.store(part_ptr + 2 * total + idx, q)
+
+
+@triton.jit
+def cols_partials(
+    x_ptr,  # (P, Q, L) input
+    dy_ptr,  # (P, Q, L) output grad (BACKWARD only)
+    coef_ptr,  # (4, NSUB = P * L) forward coefficients, row 0 = mean (BACKWARD only)
+    part_ptr,  # (3, NSUB, SPLITS) acc dtype, as in mid_partials
+    Q, L, NSUB, CHUNK, SPLITS,
+    BACKWARD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
+):
+    """Per (p, column block, split): column statistics (or backward sums) over CHUNK rows."""
+    p = tl.program_id(0)
+    if INT64:
+        p = p.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    split = tl.program_id(2)
+    cmask = cols < L
+    acc = part_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_Q)
+    n = tl.zeros([BLOCK_Q, BLOCK_L], acc)
+    m = tl.zeros([BLOCK_Q, BLOCK_L], acc)
+    q = tl.zeros([BLOCK_Q, BLOCK_L], acc)
+    sub = p * L + cols
+    center = tl.load(coef_ptr + sub, mask=cmask, other=0.0).to(acc) if BACKWARD else 0.0
+    base = p * Q * L
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, Q)
+    for r0 in range(start, end, BLOCK_Q):
+        r = r0 + rows
+        mask = (r < end)[:, None] & cmask[None, :]
+        if INT64:
+            r = r.to(tl.int64)
+        addr = base + r[:, None] * L + cols[None, :]
+        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc)
+        if BACKWARD:
+            dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
+            m += dy
+            q += dy * tl.where(mask, x - center[None, :], 0.0)
+        else:
+            n, m, q = _welford(n, m, q, x, mask)
+    total = NSUB * SPLITS
+    idx = sub * SPLITS + split
+    if BACKWARD:
+        tl.store(part_ptr + idx, tl.sum(m, 0), mask=cmask)
+        tl.store(part_ptr + total + idx, tl.sum(q, 0), mask=cmask)
+    else:
+        n, m, q = _combine_lanes(n, m, q, 0)
+        tl.store(part_ptr + idx, n, mask=cmask)
+        tl.store(part_ptr + total + idx, m, mask=cmask)
+        tl.store(part_ptr + 2 * total + idx, q, mask=cmask)
+
+
+@triton.jit
+def merge_stats(
+    part_ptr,  # (3, ITEMS * K) acc dtype: Welford partials, an item's K entries contiguous
+    stats_ptr,  # (3, ITEMS) acc dtype out: mean, biased var, rstd
+    ITEMS, K, eps_hi, eps_lo,
+    BLOCK: tl.constexpr,
+):
+    """Merge each item's K partials (its J subs x SPLITS splits) in a fixed order."""
+    item = tl.program_id(0).to(tl.int64)
+    acc = stats_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    n = tl.zeros([BLOCK], acc)
+    m = tl.zeros([BLOCK], acc)
+    q = tl.zeros([BLOCK], acc)
+    total = ITEMS * K
+    for k0 in range(0, K, BLOCK):
+        k = item * K + k0 + offs
+        mask = k0 + offs < K
+        n2 = tl.load(part_ptr + k, mask=mask, other=0.0)
+        m2 = tl.load(part_ptr + total + k, mask=mask, other=0.0)
+        q2 = tl.load(part_ptr + 2 * total + k, mask=mask, other=0.0)
+        n, m, q = _chan(n, m, q, n2, m2, q2)
+    n, m, q = _combine_lanes(n, m, q, 0)
+    var = q / n
+    tl.store(stats_ptr + item, m)
+    tl.store(stats_ptr + ITEMS + item, var)
+    tl.store(stats_ptr + 2 * ITEMS + item, _rstd(var, eps_hi, eps_lo))
+
+
+@triton.jit
+def forward_coefficients(
+    mean_ptr,  # (ITEMS,) batch means, or (C,) given means (GIVEN)
+    var_ptr,  # like mean_ptr: biased variances
+    w_ptr, b_ptr,  # (C,) or unused
+    coef_ptr,  # (4, NSUB) acc dtype out: mean, rstd, rstd * w, b of each sub
+    NSUB, J, C, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-sub coefficients of y = (x - mean) * (rstd * w) + b."""
+    sub = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = sub < NSUB
+    acc = coef_ptr.dtype.element_ty
+    chan = sub % C
+    stat = chan if GIVEN else sub // J
+    mean = tl.load(mean_ptr + stat, mask=mask, other=0.0).to(acc)
+    rstd = _rstd(tl.load(var_ptr + stat, mask=mask, other=0.0).to(acc), eps_hi, eps_lo)
+    scale = rstd
+    if HAS_W:
+        scale = rstd * tl.load(w_ptr + chan, mask=mask, other=0.0).to(acc)
+    shift = tl.zeros([BLOCK], acc)
+    if HAS_B:
+        shift = tl.load(b_ptr + chan, mask=mask, other=0.0).to(acc)
+    tl.store(coef_ptr + sub, mean, mask=mask)
+    tl.store(coef_ptr + NSUB + sub, rstd, mask=mask)
+    tl.store(coef_ptr + 2 * NSUB + sub, scale, mask=mask)
+    tl.store(coef_ptr + 3 * NSUB + sub, shift, mask=mask)
+
+
+@triton.jit
+def backward_coefficients(
+    part_ptr,  # (2, NSUB, SPLITS) acc dtype: sum dy, sum dy * (x - mean)
+    fcoef_ptr,  # (4, NSUB) forward coefficients (mean, rstd, ...)
+    w_ptr,  # (C,) or unused
+    bcoef_ptr,  # (4, NSUB) out: mean, k1, k2, k3 with dx = k1 * dy + k2 * (x - mean) + k3
+    sums_ptr,  # (2, NSUB) out: dweight, dbias contribution of each sub
+    NSUB, J, C, SPLITS, COUNT,
+    HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per item: its subs' split sums, then the dx coefficients
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * dy (batch statistics), or
+    dx = w * rstd * dy (given statistics)."""
+    item = tl.program_id(0)
+    acc = bcoef_ptr.dtype.element_ty
+    local = tl.arange(0, BLOCK_J)
+    splits = tl.arange(0, BLOCK_S)
+    total = NSUB * SPLITS
+    g_sum = tl.zeros([BLOCK_J], acc)
+    gx_sum = tl.zeros([BLOCK_J], acc)
+    for j0 in range(0, J, BLOCK_J):
+        sub = item * J + j0 + local
+        smask = j0 + local < J
+        dy_sum = tl.zeros([BLOCK_J], acc)
+        dyx_sum = tl.zeros([BLOCK_J], acc)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            mask = smask[:, None] & (s0 + splits < SPLITS)[None, :]
+            idx = sub[:, None] * SPLITS + s0 + splits[None, :]
+            dy_sum += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 1)
+            dyx_sum += tl.sum(tl.load(part_ptr + total + idx, mask=mask, other=0.0), 1)
+        rstd = tl.load(fcoef_ptr + NSUB + sub, mask=smask, other=0.0)
+        tl.store(sums_ptr + sub, rstd * dyx_sum, mask=smask)
+        tl.store(sums_ptr + NSUB + sub, dy_sum, mask=smask)
+        w = tl.full([BLOCK_J], 1.0, acc)
+        if HAS_W:
+            w = tl.load(w_ptr + sub % C, mask=smask, other=0.0).to(acc)
+        g_sum += w * dy_sum
+        gx_sum += w * dyx_sum
+    g_mean = tl.sum(g_sum, 0) / COUNT
+    gx_mean = tl.sum(gx_sum, 0) / COUNT
+    for j0 in range(0, J, BLOCK_J):
+        sub = item * J + j0 + local
+        smask = j0 + local < J
+        mean = tl.load(fcoef_ptr + sub, mask=smask, other=0.0)
+        rstd = tl.load(fcoef_ptr + NSUB + sub, mask=smask, other=0.0)
+        w = tl.full([BLOCK_J], 1.0, acc)
+        if HAS_W:
+            w = tl.load(w_ptr + sub % C, mask=smask, other=0.0).to(acc)
+        k2 = tl.zeros([BLOCK_J], acc)
+        k3 = tl.zeros([BLOCK_J], acc)
+        if BATCH_STATS:
+            k2 = -rstd * rstd * rstd * gx_mean
+            k3 = -rstd * g_mean
+        tl.store(bcoef_ptr + sub, mean, mask=smask)
+        tl.store(bcoef_ptr + NSUB + sub, w * rstd, mask=smask)
+        tl.store(bcoef_ptr + 2 * NSUB + sub, k2, mask=smask)
+        tl.store(bcoef_ptr + 3 * NSUB + sub, k3, mask=smask)
+
+
+@triton.jit
+def apply_coefficients(
+    x_ptr,  # (NUMEL,) input, in memory order
+    dy_ptr,  # (NUMEL,) output grad (HAS_DY only)
+    coef_ptr,  # (4, NSUB) acc dtype: mean, c1, c2, c3
+    out_ptr,  # (NUMEL,) out: c2 * (x - mean) + c3 (+ c1 * dy)
+    NUMEL, NSUB, D1, M1, D2, K2,
+    HAS_DY: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
+):
+    """Elementwise pass of forward (y) and backward (dx); element e belongs to sub
+    (e // D1) % M1 + (e // D2) * K2."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = e < NUMEL
+    acc = coef_ptr.dtype.element_ty
+    sub = (e // D1) % M1 + (e // D2) * K2
+    x = tl.load(x_ptr + e, mask=mask, other=0.0).to(acc)
+    mean = tl.load(coef_ptr + sub, mask=mask, other=0.0)
+    c2 = tl.load(coef_ptr + 2 * NSUB + sub, mask=mask, other=0.0)
+    c3 = tl.load(coef_ptr + 3 * NSUB + sub, mask=mask, other=0.0)
+    out = (x - mean) * c2 + c3
+    if HAS_DY:
+        c1 = tl.load(coef_ptr + NSUB + sub, mask=mask, other=0.0)
+        out += c1 * tl.load(dy_ptr + e, mask=mask, other=0.0).to(acc)
+    tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def column_sums(
+    src_ptr,  # (2, ROWS, C) acc dtype
+    dst_ptr,  # (2, C) acc dtype out: sums over ROWS in a fixed order
+    ROWS, C,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dweight / dbias: the per-sub (or per-program) contributions summed per channel."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    plane = tl.program_id(1).to(tl.int64)
+    cmask = cols < C
+    rows = tl.arange(0, BLOCK_R)
+    total = tl.zeros([BLOCK_R, BLOCK_C], dst_ptr.dtype.element_ty)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + rows
+        mask = (r < ROWS)[:, None] & cmask[None, :]
+        total += tl.load(src_ptr + plane * ROWS * C + r[:, None] * C + cols[None, :],
+                         mask=mask, other=0.0)
+    tl.store(dst_ptr + plane * C + cols, tl.sum(total, 0), mask=cmask)
+
+
+@triton.jit
+def rows_forward(
+    x_ptr,  # (M, L) input
+    w_ptr, b_ptr,  # (L,) or unused
+    y_ptr,  # (M, L) out
+    stats_ptr,  # (3, M) acc dtype out: mean, biased var, rstd
+    M, L, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
+):
+    """LayerNorm forward of one row held in registers: two-pass centred variance."""
+    row = tl.program_id(0)
+    if INT64:
+        row = row.to(tl.int64)
+    acc = stats_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_L)
+    mask = cols < L
+    x = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
+    mean = tl.sum(x, 0) / L
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, 0) / L
+    rstd = _rstd(var, eps_hi, eps_lo)
+    y = xc * rstd
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(acc)
+    tl.store(y_ptr + row * L + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(stats_ptr + row, mean)
+    tl.store(stats_ptr + M + row, var)
+    tl.store(stats_ptr + 2 * M + row, rstd)
+
+
+@triton.jit
+def rows_backward(
+    x_ptr, dy_ptr,  # (M, L)
+    w_ptr,  # (L,) or unused
+    stats_ptr,  # (3, M) acc dtype: mean, var, rstd
+    dx_ptr,  # (M, L) out (NEED_DX only)
+    part_ptr,  # (2, PROGRAMS, L) acc dtype out: per-program dweight, dbias
+    M, L, ROWS_PER_PROGRAM,
+    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
+):
+    """LayerNorm backward of ROWS_PER_PROGRAM rows: dx per row,
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * dy, and this program's
+    dweight = sum(dy * xhat), dbias = sum(dy) partials."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    acc = part_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_L)
+    mask = cols < L
+    w = tl.full([BLOCK_L], 1.0, acc)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(acc)
+    dw = tl.zeros([BLOCK_L], acc)
+    db = tl.zeros([BLOCK_L], acc)
+    first = pid * ROWS_PER_PROGRAM
+    for row in range(first, tl.minimum(first + ROWS_PER_PROGRAM, M)):
+        x = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
+        dy = tl.load(dy_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
+        rstd = tl.load(stats_ptr + 2 * M + row)
+        xhat = tl.where(mask, (x - tl.load(stats_ptr + row)) * rstd, 0.0)
+        dw += dy * xhat
+        db += dy
+        if NEED_DX:
+            g = dy * w
+            dx = (g - xhat * (tl.sum(g * xhat, 0) / L) - tl.sum(g, 0) / L) * rstd
+            tl.store(dx_ptr + row * L + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + pid * L + cols, dw, mask=mask)
+    tl.store(part_ptr + tl.num_programs(0) * L + pid * L + cols, db, mask=mask)
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp's formula: exact at both ends."""
+    return tl.where(weight < 0.5, start + weight * (end - start),
+                    end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def running_stats_update(
+    running_mean_ptr, running_var_ptr,  # (C,) buffers, updated in place in their dtype
+    mean_ptr, var_ptr,  # (C,) batch mean and biased variance
+    C, momentum_hi, momentum_lo, correction_hi, correction_lo,
+    BLOCK: tl.constexpr,
+):
+    """running.lerp_(batch, momentum) as torch computes lerp; the variance enters unbiased
+    (times correction = count / (count - 1))."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    rm = tl.load(running_mean_ptr + c, mask=mask, other=0.0)
+    rv = tl.load(running_var_ptr + c, mask=mask, other=0.0)
+    acc = tl.float64 if rm.dtype == tl.float64 else tl.float32
+    momentum = tl.zeros([BLOCK], acc) + momentum_hi + momentum_lo
+    correction = tl.zeros([BLOCK], acc) + correction_hi + correction_lo
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(rm.dtype).to(acc)
+    var = (tl.load(var_ptr + c, mask=mask, other=0.0).to(acc) * correction).to(rv.dtype).to(acc)
+    rm_new = _lerp(rm.to(acc), mean, momentum)
+    rv_new = _lerp(rv.to(acc), var, momentum)
+    tl.store(running_mean_ptr + c, rm_new.to(rm.dtype), mask=mask)
+    tl.store(running_var_ptr + c, rv_new.to(rv.dtype), mask=mask)

@@ -1,0 +1,234 @@
+"""Launchers of the GPU backend's Triton kernels: geometry, split counts, block sizes.
+
+`forward` and `backward` take a `Plan` (normkit.backends.plan) and dense tensors laid out as the
+plan says; they allocate outputs and launch `gpu_kernels`. Every size below is chosen from the
+shape alone (never from the device), so results are bitwise identical run to run and machine to
+machine. The tuning knobs are the module constants.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+from torch import Tensor
+
+from normkit.backends import gpu_kernels as k
+from normkit.backends.plan import Plan
+
+SPLIT_ELEMENTS = 16384  # elements one program reduces before its partial is merged
+MAX_SPLITS = 1024
+REDUCE_BLOCK = 1024  # mid_partials block
+APPLY_BLOCK = 2048  # elements per program of the elementwise pass
+APPLY_WARPS = 8
+COLS_TILE = 2048  # elements of one cols_partials tile
+ROWS_PROGRAMS = 1024  # most programs sharing one LayerNorm backward's dweight / dbias
+MAX_ROW = 16384  # longest LayerNorm row held in registers
+INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A plan as sub-items (see gpu_kernels): `nsub` subs, `J` per item, weight channel
+    sub % C, `count` elements per item; 'mid' memory (A, nsub, S), 'cols' memory (P, Q, L);
+    the elementwise pass finds element e's sub as (e // d1) % m1 + (e // d2) * k2."""
+
+    family: str
+    numel: int
+    nsub: int
+    J: int
+    C: int
+    items: int
+    count: int
+    span: int  # elements (mid) or rows (cols) one sub reduces over
+    A: int = 1
+    S: int = 1
+    P: int = 1
+    Q: int = 1
+    L: int = 1
+    d1: int = 1
+    m1: int = 1
+    d2: int = 1
+    k2: int = 0
+
+    @property
+    def int64(self) -> bool:
+        return self.numel > INT32_LIMIT
+
+
+@functools.lru_cache(maxsize=512)
+def geometry(plan: Plan) -> Geometry:
+    """The sub-item view of a plan."""
+    if plan.kind == "mid":
+        numel = plan.A * plan.M * plan.J * plan.S
+        nsub = plan.M * plan.J
+        return Geometry("mid", numel, nsub, plan.J, plan.Wm * plan.J, plan.M,
+                        plan.A * plan.J * plan.S, plan.A * plan.S, A=plan.A, S=plan.S,
+                        d1=plan.S, m1=nsub, d2=numel)
+    if plan.kind == "rows":
+        return Geometry("rows", plan.M * plan.J, plan.M, 1, plan.J, plan.M, plan.J, plan.J,
+                        Q=plan.M, L=plan.J)
+    if plan.kind == "cols":
+        P, Q, L, J, items = 1, plan.A, plan.M, 1, plan.M
+    else:  # nsc: (N, spatial, G, C/G)
+        P, Q, L, J, items = plan.A, plan.S, plan.Wm * plan.J, plan.J, plan.A * plan.Wm
+    return Geometry("cols", P * Q * L, P * L, J, L, items, Q * J, Q, P=P, Q=Q, L=L,
+                    m1=L, d2=Q * L, k2=L)
+
+
+def _pow2(n: int, cap: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), cap)
+
+
+def _float_pair(value: float) -> tuple[float, float]:
+    """value as float32 hi + lo (exact to ~48 bits once summed in float64)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class _Splits:
+    count: int
+    chunk: int  # elements (mid) or rows (cols) per split
+    block_q: int = 1
+    block_l: int = 1
+
+
+def _splits(geo: Geometry) -> _Splits:
+    if geo.family == "mid":
+        chunk = max(SPLIT_ELEMENTS, triton.cdiv(geo.span, MAX_SPLITS))
+        chunk = triton.cdiv(chunk, REDUCE_BLOCK) * REDUCE_BLOCK
+        return _Splits(triton.cdiv(geo.span, chunk), chunk)
+    block_l = _pow2(geo.L, 64)
+    block_q = max(1, COLS_TILE // block_l)
+    chunk = max(triton.cdiv(SPLIT_ELEMENTS, block_l), triton.cdiv(geo.Q, MAX_SPLITS))
+    chunk = triton.cdiv(chunk, block_q) * block_q
+    return _Splits(triton.cdiv(geo.Q, chunk), chunk, block_q, block_l)
+
+
+def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
+              coef: Tensor | None, part: Tensor) -> None:
+    """Welford partials of x (dy None) or the backward sums, per (sub, split)."""
+    backward = dy is not None
+    dy = x if dy is None else dy
+    coef = part if coef is None else coef
+    if geo.family == "mid":
+        k.mid_partials[(geo.nsub, splits.count)](
+            x, dy, coef, part, geo.nsub, geo.S, geo.span, splits.chunk, splits.count,
+            BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
+    else:
+        grid = (geo.P, triton.cdiv(geo.L, splits.block_l), splits.count)
+        k.cols_partials[grid](
+            x, dy, coef, part, geo.Q, geo.L, geo.nsub, splits.chunk, splits.count,
+            BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
+            INT64=geo.int64, num_warps=4)
+
+
+def _apply(geo: Geometry, x: Tensor, dy: Tensor | None, coef: Tensor, out: Tensor) -> None:
+    k.apply_coefficients[(triton.cdiv(geo.numel, APPLY_BLOCK),)](
+        x, x if dy is None else dy, coef, out, geo.numel, geo.nsub, geo.d1, geo.m1, geo.d2,
+        geo.k2, HAS_DY=dy is not None, BLOCK=APPLY_BLOCK, INT64=geo.int64,
+        num_warps=APPLY_WARPS)
+
+
+def _flat(t: Tensor | None, fallback: Tensor) -> Tensor:
+    return fallback if t is None else t.reshape(-1).contiguous()
+
+
+def _column_sums(parts: Tensor, rows: int, columns: int) -> Tensor:
+    """(2, rows, columns) -> (2, columns), summed over rows in a fixed order."""
+    sums = parts.new_empty(2, columns)
+    block_c = _pow2(columns, 128)
+    k.column_sums[(triton.cdiv(columns, block_c), 2)](
+        parts, sums, rows, columns, BLOCK_R=_pow2(rows, 32), BLOCK_C=block_c)
+    return sums
+
+
+def rows_supported(plan: Plan) -> bool:
+    return plan.kind != "rows" or plan.J <= MAX_ROW
+
+
+def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+            mean: Tensor | None, var: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, stats, coef): stats (3, items) = batch mean, biased var, rstd (None when mean / var
+    were given); coef (4, nsub) = per-sub mean, rstd, scale, shift (None for 'rows')."""
+    geo = geometry(plan)
+    acc = accumulation_dtype(x.dtype)
+    eps_pair = _float_pair(eps)
+    y = torch.empty_like(x)
+    w, b = _flat(weight, x), _flat(bias, x)
+    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None}
+    if geo.family == "rows":
+        stats = x.new_empty(3, geo.items, dtype=acc)
+        block_l = _pow2(geo.L, MAX_ROW)
+        k.rows_forward[(geo.items,)](
+            x, w, b, y, stats, geo.items, geo.L, *eps_pair, **flags, BLOCK_L=block_l,
+            INT64=geo.int64, num_warps=min(16, max(1, block_l // 256)))
+        return y, stats, None
+    stats = None
+    if mean is None:
+        splits = _splits(geo)
+        part = x.new_empty(3, geo.nsub * splits.count, dtype=acc)
+        _partials(geo, splits, x, None, None, part)
+        stats = x.new_empty(3, geo.items, dtype=acc)
+        entries = geo.J * splits.count
+        k.merge_stats[(geo.items,)](part, stats, geo.items, entries, *eps_pair,
+                                    BLOCK=_pow2(entries, 1024))
+        mean, var = stats[0], stats[1]
+    coef = x.new_empty(4, geo.nsub, dtype=acc)
+    k.forward_coefficients[(triton.cdiv(geo.nsub, 1024),)](
+        mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C, *eps_pair,
+        **flags, GIVEN=stats is None, BLOCK=1024)
+    _apply(geo, x, None, coef, y)
+    return y, stats, coef
+
+
+def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor | None,
+             coef: Tensor | None, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(dx, dweight, dbias) of `forward`'s call; dy has x's strides. dweight / dbias are
+    flat, in the accumulation dtype, one per weight channel. Batch statistics were used
+    exactly when `stats` is not None."""
+    geo = geometry(plan)
+    acc = accumulation_dtype(x.dtype)
+    w = _flat(weight, x)
+    dx = torch.empty_like(x) if need_dx else None
+    if geo.family == "rows":
+        per_program = triton.cdiv(geo.items, ROWS_PROGRAMS)
+        programs = triton.cdiv(geo.items, per_program)
+        part = x.new_empty(2, programs, geo.L, dtype=acc)
+        block_l = _pow2(geo.L, MAX_ROW)
+        k.rows_backward[(programs,)](
+            x, dy, w, stats, x if dx is None else dx, part, geo.items, geo.L, per_program,
+            HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_L=block_l, INT64=geo.int64,
+            num_warps=min(16, max(1, block_l // 256)))
+        sums = _column_sums(part, programs, geo.L)
+        return dx, sums[0], sums[1]
+    splits = _splits(geo)
+    part = x.new_empty(2, geo.nsub * splits.count, dtype=acc)
+    _partials(geo, splits, x, dy, coef, part)
+    bcoef = x.new_empty(4, geo.nsub, dtype=acc)
+    sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
+    k.backward_coefficients[(geo.items,)](
+        part, coef, w, bcoef, sub_sums, geo.nsub, geo.J, geo.C, splits.count, geo.count,
+        HAS_W=weight is not None, BATCH_STATS=stats is not None,
+        BLOCK_J=_pow2(geo.J, 64), BLOCK_S=_pow2(splits.count, 64))
+    sums = _column_sums(sub_sums, geo.nsub // geo.C, geo.C)
+    if need_dx:
+        _apply(geo, x, dy, bcoef, dx)
+    return dx, sums[0], sums[1]
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         correction: float, momentum: float) -> None:
+    """In-place lerp of contiguous running buffers towards (mean, var * correction)."""
+    channels = running_mean.numel()
+    k.running_stats_update[(triton.cdiv(channels, 1024),)](
+        running_mean, running_var, mean.contiguous(), var.contiguous(), channels,
+        *_float_pair(momentum), *_float_pair(correction), BLOCK=1024)
