@@ -111,7 +111,7 @@ def _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx):
     """Differentiable backward (create_graph=True) from the saved statistics."""
     stat_shape = [1 if i in ctx.dims else n for i, n in enumerate(x.shape)]
     # Given statistics have one sub per item (J == 1): the coefficients hold mean and rstd.
-    mean, rstd = (coef[0], coef[1]) if stats is None else (stats[0], stats[2])
+    mean, rstd = (coef[0], coef[2]) if stats is None else (stats[0], stats[2])
     w, b = (t if t is None or ctx.shape is None else t.view(ctx.shape) for t in (weight, bias))
     return reference.differentiable_backward(
         dy, x, w, b, mean.view(stat_shape), rstd.view(stat_shape), ctx.dims, ctx.eps,

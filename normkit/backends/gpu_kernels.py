@@ -7,8 +7,9 @@ channel and one statistics item (`gpu_launch.Geometry` says how a plan maps onto
 Item = sub // J (J subs per item), weight channel = sub % C.
   - 'rows' memory (M, L): LayerNorm, one item per row, weight per column.
 
-Statistics: per-lane Welford, lanes and programs merged with Chan's formula in a fixed tree
-order (a fixed split count from the shape): no atomics, bitwise reproducible. Accumulation in
+Statistics: per-lane Welford of x - K (K = the item's first element, so large means keep their
+precision), lanes and programs merged with Chan's formula in a fixed order (a split count fixed
+by the shape): no atomics, bitwise reproducible. Accumulation in
 float32 (float64 for float64 input): the accumulation dtype is the dtype of the partial /
 coefficient buffers. Float scalars arrive as float32 (hi, lo) pairs so float64 keeps eps exact.
 """
@@ -59,15 +60,33 @@ def _rstd(var, eps_hi, eps_lo):
 
 
 @triton.jit
+def item_shifts(
+    x_ptr,  # input, in memory order
+    shift_ptr,  # (ITEMS,) acc dtype out: the item's first element
+    ITEMS, IPP, PSTRIDE, ISTRIDE,
+    BLOCK: tl.constexpr,
+):
+    """Each item's shift K: its element at (i // IPP) * PSTRIDE + (i % IPP) * ISTRIDE.
+    Statistics are taken of x - K, which is exact for data near K, so a mean far larger than
+    the spread costs no accuracy (the mean is kept as the pair K, mean(x - K))."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < ITEMS
+    first = (i.to(tl.int64) // IPP) * PSTRIDE + (i % IPP) * ISTRIDE
+    k = tl.load(x_ptr + first, mask=mask, other=0.0)
+    tl.store(shift_ptr + i, k.to(shift_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def mid_partials(
     x_ptr,  # (A, NSUB, S) input
     dy_ptr,  # (A, NSUB, S) output grad (BACKWARD only)
-    coef_ptr,  # (4, NSUB) forward coefficients, row 0 = mean (BACKWARD only)
-    part_ptr,  # (3, NSUB, SPLITS) acc dtype: Welford (n, mean, M2) or (sum dy, sum dy*xc, -)
-    NSUB, S, SPAN, CHUNK, SPLITS,
+    center_ptr,  # (ITEMS,) shifts K; BACKWARD: (5, NSUB) forward coefficients (K, mean(x-K), ..)
+    part_ptr,  # (3, NSUB, SPLITS) acc dtype: Welford (n, mean, M2) of x - K,
+    #            or BACKWARD (sum dy, sum dy * (x - mean), unused)
+    NSUB, J, S, SPAN, CHUNK, SPLITS,
     BACKWARD: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Per (sub, split): statistics of x, or the two backward sums, over a CHUNK of the
+    """Per (sub, split): statistics of x - K, or the two backward sums, over a CHUNK of the
     sub's SPAN = A * S elements (t -> a = t // S, s = t % S)."""
     sub = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,7 +97,11 @@ def mid_partials(
     n = tl.zeros([BLOCK], acc)
     m = tl.zeros([BLOCK], acc)
     q = tl.zeros([BLOCK], acc)
-    center = tl.load(coef_ptr + sub).to(acc) if BACKWARD else 0.0
+    if BACKWARD:
+        shift = tl.load(center_ptr + sub)
+        shifted_mean = tl.load(center_ptr + NSUB + sub)
+    else:
+        shift = tl.load(center_ptr + sub // J)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, SPAN)
     for t0 in range(start, end, BLOCK):
@@ -87,13 +110,13 @@ def mid_partials(
         if INT64:
             t = t.to(tl.int64)
         addr = (t // S) * NSUB * S + sub * S + t % S
-        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc)
+        xs = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc) - shift
         if BACKWARD:
             dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
             m += dy
-            q += dy * tl.where(mask, x - center, 0.0)
+            q += dy * tl.where(mask, xs - shifted_mean, 0.0)
         else:
-            n, m, q = _welford(n, m, q, x, mask)
+            n, m, q = _welford(n, m, q, xs, mask)
     total = NSUB * SPLITS
     idx = sub * SPLITS + split
     if BACKWARD:
@@ -110,12 +133,13 @@ def mid_partials(
 def cols_partials(
     x_ptr,  # (P, Q, L) input
     dy_ptr,  # (P, Q, L) output grad (BACKWARD only)
-    coef_ptr,  # (4, NSUB = P * L) forward coefficients, row 0 = mean (BACKWARD only)
+    center_ptr,  # as in mid_partials (NSUB = P * L)
     part_ptr,  # (3, NSUB, SPLITS) acc dtype, as in mid_partials
-    Q, L, NSUB, CHUNK, SPLITS,
+    Q, L, NSUB, J, CHUNK, SPLITS,
     BACKWARD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Per (p, column block, split): column statistics (or backward sums) over CHUNK rows."""
+    """Per (p, column block, split): column statistics of x - K (or the backward sums) over
+    CHUNK rows."""
     p = tl.program_id(0)
     if INT64:
         p = p.to(tl.int64)
@@ -128,7 +152,11 @@ def cols_partials(
     m = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     q = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     sub = p * L + cols
-    center = tl.load(coef_ptr + sub, mask=cmask, other=0.0).to(acc) if BACKWARD else 0.0
+    if BACKWARD:
+        shift = tl.load(center_ptr + sub, mask=cmask, other=0.0)[None, :]
+        shifted_mean = tl.load(center_ptr + NSUB + sub, mask=cmask, other=0.0)[None, :]
+    else:
+        shift = tl.load(center_ptr + sub // J, mask=cmask, other=0.0)[None, :]
     base = p * Q * L
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, Q)
@@ -138,13 +166,13 @@ def cols_partials(
         if INT64:
             r = r.to(tl.int64)
         addr = base + r[:, None] * L + cols[None, :]
-        x = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc)
+        xs = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc) - shift
         if BACKWARD:
             dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
             m += dy
-            q += dy * tl.where(mask, x - center[None, :], 0.0)
+            q += dy * tl.where(mask, xs - shifted_mean, 0.0)
         else:
-            n, m, q = _welford(n, m, q, x, mask)
+            n, m, q = _welford(n, m, q, xs, mask)
     total = NSUB * SPLITS
     idx = sub * SPLITS + split
     if BACKWARD:
@@ -160,7 +188,8 @@ def cols_partials(
 @triton.jit
 def merge_stats(
     part_ptr,  # (3, ITEMS * K) acc dtype: Welford partials, an item's K entries contiguous
-    stats_ptr,  # (3, ITEMS) acc dtype out: mean, biased var, rstd
+    shift_ptr,  # (ITEMS,) acc dtype: the shifts K
+    stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
     ITEMS, K, eps_hi, eps_lo,
     BLOCK: tl.constexpr,
 ):
@@ -181,46 +210,57 @@ def merge_stats(
         n, m, q = _chan(n, m, q, n2, m2, q2)
     n, m, q = _combine_lanes(n, m, q, 0)
     var = q / n
-    tl.store(stats_ptr + item, m)
+    shift = tl.load(shift_ptr + item)
+    tl.store(stats_ptr + item, shift + m)
     tl.store(stats_ptr + ITEMS + item, var)
     tl.store(stats_ptr + 2 * ITEMS + item, _rstd(var, eps_hi, eps_lo))
+    tl.store(stats_ptr + 3 * ITEMS + item, shift)
+    tl.store(stats_ptr + 4 * ITEMS + item, m)
 
 
 @triton.jit
 def forward_coefficients(
-    mean_ptr,  # (ITEMS,) batch means, or (C,) given means (GIVEN)
-    var_ptr,  # like mean_ptr: biased variances
+    shift_ptr,  # (ITEMS,) K of each item; GIVEN: (NSTAT,) given means, item i's at i % NSTAT
+    shifted_mean_ptr,  # (ITEMS,) mean(x - K) of each item (not GIVEN)
+    var_ptr,  # (ITEMS,) or (NSTAT,) (GIVEN): biased variances
     w_ptr, b_ptr,  # (C,) or unused
-    coef_ptr,  # (4, NSUB) acc dtype out: mean, rstd, rstd * w, b of each sub
-    NSUB, J, C, eps_hi, eps_lo,
+    coef_ptr,  # (5, NSUB) acc dtype out: K, mean(x - K), rstd, rstd * w, b of each sub
+    NSUB, J, C, NSTAT, eps_hi, eps_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-sub coefficients of y = (x - mean) * (rstd * w) + b."""
+    """Per-sub coefficients of y = ((x - K) - mean(x - K)) * (rstd * w) + b."""
     sub = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = sub < NSUB
     acc = coef_ptr.dtype.element_ty
     chan = sub % C
-    stat = chan if GIVEN else sub // J
-    mean = tl.load(mean_ptr + stat, mask=mask, other=0.0).to(acc)
+    stat = sub // J
+    if GIVEN:
+        stat = stat % NSTAT
+    shift = tl.load(shift_ptr + stat, mask=mask, other=0.0).to(acc)
+    shifted_mean = tl.zeros([BLOCK], acc)
+    if not GIVEN:
+        shifted_mean = tl.load(shifted_mean_ptr + stat, mask=mask, other=0.0).to(acc)
     rstd = _rstd(tl.load(var_ptr + stat, mask=mask, other=0.0).to(acc), eps_hi, eps_lo)
     scale = rstd
     if HAS_W:
         scale = rstd * tl.load(w_ptr + chan, mask=mask, other=0.0).to(acc)
-    shift = tl.zeros([BLOCK], acc)
+    bias = tl.zeros([BLOCK], acc)
     if HAS_B:
-        shift = tl.load(b_ptr + chan, mask=mask, other=0.0).to(acc)
-    tl.store(coef_ptr + sub, mean, mask=mask)
-    tl.store(coef_ptr + NSUB + sub, rstd, mask=mask)
-    tl.store(coef_ptr + 2 * NSUB + sub, scale, mask=mask)
-    tl.store(coef_ptr + 3 * NSUB + sub, shift, mask=mask)
+        bias = tl.load(b_ptr + chan, mask=mask, other=0.0).to(acc)
+    tl.store(coef_ptr + sub, shift, mask=mask)
+    tl.store(coef_ptr + NSUB + sub, shifted_mean, mask=mask)
+    tl.store(coef_ptr + 2 * NSUB + sub, rstd, mask=mask)
+    tl.store(coef_ptr + 3 * NSUB + sub, scale, mask=mask)
+    tl.store(coef_ptr + 4 * NSUB + sub, bias, mask=mask)
 
 
 @triton.jit
 def backward_coefficients(
     part_ptr,  # (2, NSUB, SPLITS) acc dtype: sum dy, sum dy * (x - mean)
-    fcoef_ptr,  # (4, NSUB) forward coefficients (mean, rstd, ...)
+    fcoef_ptr,  # (5, NSUB) forward coefficients (K, mean(x - K), rstd, ..)
     w_ptr,  # (C,) or unused
-    bcoef_ptr,  # (4, NSUB) out: mean, k1, k2, k3 with dx = k1 * dy + k2 * (x - mean) + k3
+    bcoef_ptr,  # (5, NSUB) out: K, mean(x - K), k1, k2, k3 with
+    #             dx = k1 * dy + k2 * (x - mean) + k3
     sums_ptr,  # (2, NSUB) out: dweight, dbias contribution of each sub
     NSUB, J, C, SPLITS, COUNT,
     HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -246,7 +286,7 @@ def backward_coefficients(
             idx = sub[:, None] * SPLITS + s0 + splits[None, :]
             dy_sum += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), 1)
             dyx_sum += tl.sum(tl.load(part_ptr + total + idx, mask=mask, other=0.0), 1)
-        rstd = tl.load(fcoef_ptr + NSUB + sub, mask=smask, other=0.0)
+        rstd = tl.load(fcoef_ptr + 2 * NSUB + sub, mask=smask, other=0.0)
         tl.store(sums_ptr + sub, rstd * dyx_sum, mask=smask)
         tl.store(sums_ptr + NSUB + sub, dy_sum, mask=smask)
         w = tl.full([BLOCK_J], 1.0, acc)
@@ -259,8 +299,7 @@ def backward_coefficients(
     for j0 in range(0, J, BLOCK_J):
         sub = item * J + j0 + local
         smask = j0 + local < J
-        mean = tl.load(fcoef_ptr + sub, mask=smask, other=0.0)
-        rstd = tl.load(fcoef_ptr + NSUB + sub, mask=smask, other=0.0)
+        rstd = tl.load(fcoef_ptr + 2 * NSUB + sub, mask=smask, other=0.0)
         w = tl.full([BLOCK_J], 1.0, acc)
         if HAS_W:
             w = tl.load(w_ptr + sub % C, mask=smask, other=0.0).to(acc)
@@ -269,18 +308,19 @@ def backward_coefficients(
         if BATCH_STATS:
             k2 = -rstd * rstd * rstd * gx_mean
             k3 = -rstd * g_mean
-        tl.store(bcoef_ptr + sub, mean, mask=smask)
-        tl.store(bcoef_ptr + NSUB + sub, w * rstd, mask=smask)
-        tl.store(bcoef_ptr + 2 * NSUB + sub, k2, mask=smask)
-        tl.store(bcoef_ptr + 3 * NSUB + sub, k3, mask=smask)
+        tl.store(bcoef_ptr + sub, tl.load(fcoef_ptr + sub, mask=smask), mask=smask)
+        tl.store(bcoef_ptr + NSUB + sub, tl.load(fcoef_ptr + NSUB + sub, mask=smask), mask=smask)
+        tl.store(bcoef_ptr + 2 * NSUB + sub, w * rstd, mask=smask)
+        tl.store(bcoef_ptr + 3 * NSUB + sub, k2, mask=smask)
+        tl.store(bcoef_ptr + 4 * NSUB + sub, k3, mask=smask)
 
 
 @triton.jit
 def apply_coefficients(
     x_ptr,  # (NUMEL,) input, in memory order
     dy_ptr,  # (NUMEL,) output grad (HAS_DY only)
-    coef_ptr,  # (4, NSUB) acc dtype: mean, c1, c2, c3
-    out_ptr,  # (NUMEL,) out: c2 * (x - mean) + c3 (+ c1 * dy)
+    coef_ptr,  # (5, NSUB) acc dtype: K, mean(x - K), c1, c2, c3
+    out_ptr,  # (NUMEL,) out: c2 * ((x - K) - mean(x - K)) + c3 (+ c1 * dy)
     NUMEL, NSUB, D1, M1, D2, K2,
     HAS_DY: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -294,12 +334,13 @@ def apply_coefficients(
     acc = coef_ptr.dtype.element_ty
     sub = (e // D1) % M1 + (e // D2) * K2
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(acc)
-    mean = tl.load(coef_ptr + sub, mask=mask, other=0.0)
-    c2 = tl.load(coef_ptr + 2 * NSUB + sub, mask=mask, other=0.0)
-    c3 = tl.load(coef_ptr + 3 * NSUB + sub, mask=mask, other=0.0)
-    out = (x - mean) * c2 + c3
+    shift = tl.load(coef_ptr + sub, mask=mask, other=0.0)
+    shifted_mean = tl.load(coef_ptr + NSUB + sub, mask=mask, other=0.0)
+    c2 = tl.load(coef_ptr + 3 * NSUB + sub, mask=mask, other=0.0)
+    c3 = tl.load(coef_ptr + 4 * NSUB + sub, mask=mask, other=0.0)
+    out = ((x - shift) - shifted_mean) * c2 + c3
     if HAS_DY:
-        c1 = tl.load(coef_ptr + NSUB + sub, mask=mask, other=0.0)
+        c1 = tl.load(coef_ptr + 2 * NSUB + sub, mask=mask, other=0.0)
         out += c1 * tl.load(dy_ptr + e, mask=mask, other=0.0).to(acc)
     tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -330,11 +371,12 @@ def rows_forward(
     x_ptr,  # (M, L) input
     w_ptr, b_ptr,  # (L,) or unused
     y_ptr,  # (M, L) out
-    stats_ptr,  # (3, M) acc dtype out: mean, biased var, rstd
+    stats_ptr,  # (5, M) acc dtype out: mean, biased var, rstd, K, mean(x - K)
     M, L, eps_hi, eps_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
 ):
-    """LayerNorm forward of one row held in registers: two-pass centred variance."""
+    """LayerNorm forward of one row held in registers: two-pass centred variance of x - K,
+    K the row's first element."""
     row = tl.program_id(0)
     if INT64:
         row = row.to(tl.int64)
@@ -342,8 +384,10 @@ def rows_forward(
     cols = tl.arange(0, BLOCK_L)
     mask = cols < L
     x = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
-    mean = tl.sum(x, 0) / L
-    xc = tl.where(mask, x - mean, 0.0)
+    shift = tl.load(x_ptr + row * L).to(acc)
+    xs = tl.where(mask, x - shift, 0.0)
+    shifted_mean = tl.sum(xs, 0) / L
+    xc = tl.where(mask, xs - shifted_mean, 0.0)
     var = tl.sum(xc * xc, 0) / L
     rstd = _rstd(var, eps_hi, eps_lo)
     y = xc * rstd
@@ -352,16 +396,18 @@ def rows_forward(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(acc)
     tl.store(y_ptr + row * L + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(stats_ptr + row, mean)
+    tl.store(stats_ptr + row, shift + shifted_mean)
     tl.store(stats_ptr + M + row, var)
     tl.store(stats_ptr + 2 * M + row, rstd)
+    tl.store(stats_ptr + 3 * M + row, shift)
+    tl.store(stats_ptr + 4 * M + row, shifted_mean)
 
 
 @triton.jit
 def rows_backward(
     x_ptr, dy_ptr,  # (M, L)
     w_ptr,  # (L,) or unused
-    stats_ptr,  # (3, M) acc dtype: mean, var, rstd
+    stats_ptr,  # (5, M) acc dtype, from rows_forward
     dx_ptr,  # (M, L) out (NEED_DX only)
     part_ptr,  # (2, PROGRAMS, L) acc dtype out: per-program dweight, dbias
     M, L, ROWS_PER_PROGRAM,
@@ -386,7 +432,8 @@ def rows_backward(
         x = tl.load(x_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
         dy = tl.load(dy_ptr + row * L + cols, mask=mask, other=0.0).to(acc)
         rstd = tl.load(stats_ptr + 2 * M + row)
-        xhat = tl.where(mask, (x - tl.load(stats_ptr + row)) * rstd, 0.0)
+        xc = (x - tl.load(stats_ptr + 3 * M + row)) - tl.load(stats_ptr + 4 * M + row)
+        xhat = tl.where(mask, xc * rstd, 0.0)
         dw += dy * xhat
         db += dy
         if NEED_DX:

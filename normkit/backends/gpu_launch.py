@@ -34,7 +34,8 @@ INT32_LIMIT = 2**31 - 1
 class Geometry:
     """A plan as sub-items (see gpu_kernels): `nsub` subs, `J` per item, weight channel
     sub % C, `count` elements per item; 'mid' memory (A, nsub, S), 'cols' memory (P, Q, L);
-    the elementwise pass finds element e's sub as (e // d1) % m1 + (e // d2) * k2."""
+    the elementwise pass finds element e's sub as (e // d1) % m1 + (e // d2) * k2; item i's
+    first element is at (i // ipp) * pstride + (i % ipp) * istride."""
 
     family: str
     numel: int
@@ -53,6 +54,9 @@ class Geometry:
     m1: int = 1
     d2: int = 1
     k2: int = 0
+    ipp: int = 1
+    pstride: int = 0
+    istride: int = 0
 
     @property
     def int64(self) -> bool:
@@ -67,7 +71,7 @@ def geometry(plan: Plan) -> Geometry:
         nsub = plan.M * plan.J
         return Geometry("mid", numel, nsub, plan.J, plan.Wm * plan.J, plan.M,
                         plan.A * plan.J * plan.S, plan.A * plan.S, A=plan.A, S=plan.S,
-                        d1=plan.S, m1=nsub, d2=numel)
+                        d1=plan.S, m1=nsub, d2=numel, ipp=plan.M, istride=plan.J * plan.S)
     if plan.kind == "rows":
         return Geometry("rows", plan.M * plan.J, plan.M, 1, plan.J, plan.M, plan.J, plan.J,
                         Q=plan.M, L=plan.J)
@@ -76,7 +80,7 @@ def geometry(plan: Plan) -> Geometry:
     else:  # nsc: (N, spatial, G, C/G)
         P, Q, L, J, items = plan.A, plan.S, plan.Wm * plan.J, plan.J, plan.A * plan.Wm
     return Geometry("cols", P * Q * L, P * L, J, L, items, Q * J, Q, P=P, Q=Q, L=L,
-                    m1=L, d2=Q * L, k2=L)
+                    m1=L, d2=Q * L, k2=L, ipp=L // J, pstride=Q * L, istride=J)
 
 
 def _pow2(n: int, cap: int) -> int:
@@ -113,20 +117,20 @@ def _splits(geo: Geometry) -> _Splits:
     return _Splits(triton.cdiv(geo.Q, chunk), chunk, block_q, block_l)
 
 
-def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
-              coef: Tensor | None, part: Tensor) -> None:
-    """Welford partials of x (dy None) or the backward sums, per (sub, split)."""
+def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None, center: Tensor,
+              part: Tensor) -> None:
+    """Welford partials of x - K (dy None; center = the shifts K) or the backward sums
+    (center = the forward coefficients), per (sub, split)."""
     backward = dy is not None
     dy = x if dy is None else dy
-    coef = part if coef is None else coef
     if geo.family == "mid":
         k.mid_partials[(geo.nsub, splits.count)](
-            x, dy, coef, part, geo.nsub, geo.S, geo.span, splits.chunk, splits.count,
+            x, dy, center, part, geo.nsub, geo.J, geo.S, geo.span, splits.chunk, splits.count,
             BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
     else:
         grid = (geo.P, triton.cdiv(geo.L, splits.block_l), splits.count)
         k.cols_partials[grid](
-            x, dy, coef, part, geo.Q, geo.L, geo.nsub, splits.chunk, splits.count,
+            x, dy, center, part, geo.Q, geo.L, geo.nsub, geo.J, splits.chunk, splits.count,
             BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
             INT64=geo.int64, num_warps=4)
 
@@ -157,8 +161,9 @@ def rows_supported(plan: Plan) -> bool:
 
 def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
             mean: Tensor | None, var: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(y, stats, coef): stats (3, items) = batch mean, biased var, rstd (None when mean / var
-    were given); coef (4, nsub) = per-sub mean, rstd, scale, shift (None for 'rows')."""
+    """(y, stats, coef): stats (5, items) = batch mean, biased var, rstd, shift K,
+    mean(x - K) (None when mean / var were given); coef (5, nsub) = per-sub K, mean(x - K),
+    rstd, scale, bias (None for 'rows')."""
     geo = geometry(plan)
     acc = accumulation_dtype(x.dtype)
     eps_pair = _float_pair(eps)
@@ -166,7 +171,7 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     w, b = _flat(weight, x), _flat(bias, x)
     flags = {"HAS_W": weight is not None, "HAS_B": bias is not None}
     if geo.family == "rows":
-        stats = x.new_empty(3, geo.items, dtype=acc)
+        stats = x.new_empty(5, geo.items, dtype=acc)
         block_l = _pow2(geo.L, MAX_ROW)
         k.rows_forward[(geo.items,)](
             x, w, b, y, stats, geo.items, geo.L, *eps_pair, **flags, BLOCK_L=block_l,
@@ -174,17 +179,22 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
         return y, stats, None
     stats = None
     if mean is None:
+        shifts = x.new_empty(geo.items, dtype=acc)
+        k.item_shifts[(triton.cdiv(geo.items, 1024),)](
+            x, shifts, geo.items, geo.ipp, geo.pstride, geo.istride, BLOCK=1024)
         splits = _splits(geo)
         part = x.new_empty(3, geo.nsub * splits.count, dtype=acc)
-        _partials(geo, splits, x, None, None, part)
-        stats = x.new_empty(3, geo.items, dtype=acc)
+        _partials(geo, splits, x, None, shifts, part)
+        stats = x.new_empty(5, geo.items, dtype=acc)
         entries = geo.J * splits.count
-        k.merge_stats[(geo.items,)](part, stats, geo.items, entries, *eps_pair,
+        k.merge_stats[(geo.items,)](part, shifts, stats, geo.items, entries, *eps_pair,
                                     BLOCK=_pow2(entries, 1024))
-        mean, var = stats[0], stats[1]
-    coef = x.new_empty(4, geo.nsub, dtype=acc)
+        centers = (stats[3], stats[4], stats[1])
+    else:
+        centers = (mean.contiguous(), mean, var.contiguous())
+    coef = x.new_empty(5, geo.nsub, dtype=acc)
     k.forward_coefficients[(triton.cdiv(geo.nsub, 1024),)](
-        mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C, *eps_pair,
+        *centers, w, b, coef, geo.nsub, geo.J, geo.C, centers[0].numel(), *eps_pair,
         **flags, GIVEN=stats is None, BLOCK=1024)
     _apply(geo, x, None, coef, y)
     return y, stats, coef
@@ -213,7 +223,7 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
     splits = _splits(geo)
     part = x.new_empty(2, geo.nsub * splits.count, dtype=acc)
     _partials(geo, splits, x, dy, coef, part)
-    bcoef = x.new_empty(4, geo.nsub, dtype=acc)
+    bcoef = x.new_empty(5, geo.nsub, dtype=acc)
     sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
     k.backward_coefficients[(geo.items,)](
         part, coef, w, bcoef, sub_sums, geo.nsub, geo.J, geo.C, splits.count, geo.count,

@@ -1,0 +1,246 @@
+"""The Triton backend (normkit.backends.gpu) against torch, the reference backend and itself.
+
+Without CUDA, conftest sets TRITON_INTERPRET=1 and the kernels run in Triton's CPU interpreter
+on CPU tensors (slow, hence small shapes); with CUDA they run on the device. Every test forces
+the backend, and the `launches` fixture proves the kernels ran instead of a silent fallback.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import normkit
+from normkit.backends import gpu, gpu_launch, reference
+from normkit.backends.plan import plan_for
+from parity import float64_oracle, make_pair, run_steps
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CL, CL3 = torch.channels_last, torch.channels_last_3d
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    with normkit.use_backend("triton"):
+        yield
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of gpu_launch.forward / backward calls during the test."""
+    counts = collections.Counter()
+    for fn_name in ("forward", "backward"):
+        original = getattr(gpu_launch, fn_name)
+
+        def counted(*args, _original=original, _name=fn_name, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(gpu_launch, fn_name, counted)
+    return counts
+
+
+def _steps(shape, dtype, fmt=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for i, mode in enumerate(["train", "train", "eval", "train", "eval"]):
+        x = (torch.randn(shape, generator=gen, dtype=F64) * (1 + i) + 3 * i).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        steps.append((mode, x.to(DEVICE)))
+    return steps
+
+
+LAYER_CASES = [  # (class, constructor args, constructor kwargs, input shape, dtype, layout)
+    ("BatchNorm1d", (4,), {}, (6, 4), F32, None),
+    ("BatchNorm1d", (4,), {"momentum": None}, (5, 4, 7), F64, None),
+    ("BatchNorm1d", (4,), {"bias": False}, (5, 4, 7), BF16, None),
+    ("BatchNorm2d", (3,), {}, (4, 3, 5, 6), F32, None),
+    ("BatchNorm2d", (3,), {}, (4, 3, 5, 6), F32, CL),
+    ("BatchNorm2d", (3,), {}, (4, 3, 5, 6), F16, CL),
+    ("BatchNorm2d", (3,), {"affine": False, "momentum": None}, (4, 3, 5, 6), BF16, None),
+    ("BatchNorm2d", (3,), {"track_running_stats": False, "momentum": 1.0}, (4, 3, 5, 6), F64, CL),
+    ("BatchNorm3d", (2,), {"affine": False, "track_running_stats": False}, (3, 2, 3, 4, 5), F32,
+     None),
+    ("BatchNorm3d", (2,), {"momentum": 0.0}, (3, 2, 3, 4, 5), F16, CL3),
+    ("SyncBatchNorm", (3,), {}, (4, 3, 5), F32, None),
+    ("InstanceNorm1d", (4,), {"affine": True, "track_running_stats": True}, (3, 4, 7), F32, None),
+    ("InstanceNorm2d", (3,), {"affine": True}, (2, 3, 4, 5), F64, None),
+    ("InstanceNorm2d", (3,), {"affine": True, "track_running_stats": True}, (2, 3, 4, 5), F32,
+     CL),
+    ("InstanceNorm2d", (3,), {"track_running_stats": True, "momentum": None}, (3, 4, 5), F32,
+     None),
+    ("InstanceNorm3d", (2,), {"track_running_stats": True}, (2, 2, 3, 4, 3), BF16, None),
+    ("GroupNorm", (1, 4), {}, (3, 4), F32, None),
+    ("GroupNorm", (2, 4), {}, (3, 4, 5), F32, None),
+    ("GroupNorm", (4, 4), {}, (2, 4, 3, 3), F16, None),
+    ("GroupNorm", (3, 6), {"affine": False}, (2, 6, 2, 3, 2), F64, None),
+    ("GroupNorm", (2, 6), {}, (2, 6, 3, 3), F32, CL),
+    ("GroupNorm", (3, 6), {}, (2, 6, 3, 3), BF16, CL),
+    ("GroupNorm", (3, 6), {}, (2, 6, 2, 3, 2), F32, CL3),
+    ("LayerNorm", ((5,),), {}, (3, 4, 5), F32, None),
+    ("LayerNorm", ((4, 5),), {}, (3, 4, 5), F64, None),
+    ("LayerNorm", ((3, 4),), {"elementwise_affine": False}, (2, 3, 4), F32, None),
+    ("LayerNorm", ((4,),), {"bias": False}, (2, 3, 4), F16, None),
+    ("LayerNorm", ((8,),), {}, (4, 8), BF16, None),
+]
+
+
+@pytest.mark.parametrize("cls_name,args,kwargs,shape,dtype,fmt", LAYER_CASES,
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_layers_match_torch(launches, cls_name, args, kwargs, shape, dtype, fmt):
+    module_dtype = F64 if dtype == F64 else F32
+    t, n = make_pair(cls_name, *args, dtype=module_dtype, **kwargs)
+    t, n = t.to(DEVICE), n.to(DEVICE)
+    oracle = float64_oracle(t) if dtype in (F16, BF16) else None
+    run_steps(t, n, _steps(shape, dtype, fmt), oracle)
+    assert launches["forward"] >= 5 and launches["backward"] >= 5
+
+
+def _normalize_case(kind):
+    """(x, weight, bias, dims, shape) for one plan family, float64."""
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    if kind == "mid":  # BatchNorm NCHW
+        return rand(5, 3, 4, 6), rand(3), rand(3), (0, 2, 3), (3, 1, 1)
+    if kind == "cols":  # BatchNorm channels_last
+        x = rand(5, 3, 4, 6).contiguous(memory_format=CL)
+        return x, rand(3), rand(3), (0, 2, 3), (3, 1, 1)
+    if kind == "mid-grouped":  # GroupNorm NCHW: 4 channels per group
+        return rand(3, 2, 4, 5, 3), rand(8), rand(8), (2, 3, 4), (1, 2, 4, 1, 1)
+    if kind == "nsc":  # GroupNorm channels_last
+        x = rand(3, 8, 5, 3).contiguous(memory_format=CL).unflatten(1, (2, 4))
+        return x, rand(8), rand(8), (2, 3, 4), (1, 2, 4, 1, 1)
+    return rand(10, 7), rand(7), rand(7), (1,), None  # rows: LayerNorm
+
+
+KINDS = ["mid", "cols", "mid-grouped", "nsc", "rows"]
+
+
+def _against_reference(x, weight, bias, dims, shape, mean=None, var=None, tol=1e-12):
+    """normalize + backward through the kernels and through the reference, compared."""
+    results = []
+    for backend in (gpu, reference):
+        leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (x, weight, bias)]
+        given = [None if t is None else t.to(DEVICE) for t in (mean, var)]
+        y, m, v = backend.normalize(*leaves, dims, 1e-5, *given, shape)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+        y.backward(dy.to(DEVICE))
+        results.append([y, m, v] + [t.grad for t in leaves])
+    names = ["y", "mean", "var", "dx", "dweight", "dbias"]
+    for name, a, e in zip(names, *results):
+        if name in ("mean", "var") and mean is not None:
+            continue  # given statistics are passed through (the reference keeps their view)
+        a, e = a.detach(), e.detach()
+        scale = max(1.0, float(e.abs().max()))
+        err = float((a.double() - e.double()).abs().max())
+        assert err <= tol * scale, f"{name}: max error {err:.3g} (scale {scale:.3g})"
+        if name in ("y", "dx"):
+            assert a.stride() == x.stride(), f"{name}: strides {a.stride()} vs {x.stride()}"
+    return results[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_split_reductions_merge_exactly(monkeypatch, kind):
+    """Tiny split sizes force many (sub, split) partials, merges and row programs."""
+    monkeypatch.setattr(gpu_launch, "SPLIT_ELEMENTS", 8)
+    monkeypatch.setattr(gpu_launch, "REDUCE_BLOCK", 8)
+    monkeypatch.setattr(gpu_launch, "COLS_TILE", 8)
+    monkeypatch.setattr(gpu_launch, "ROWS_PROGRAMS", 3)
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    if kind != "rows":
+        param_shape = (1,) * (x.dim() - len(shape)) + shape
+        geo = gpu_launch.geometry(plan_for(x, dims, param_shape))
+        assert gpu_launch._splits(geo).count > 1
+    _against_reference(x, weight, bias, dims, shape)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int64_indexing_path(monkeypatch, kind):
+    """The 64-bit offset variants (used above 2^31 elements) compute the same results."""
+    monkeypatch.setattr(gpu_launch, "INT32_LIMIT", 0)
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    _against_reference(x, weight, bias, dims, shape)
+
+
+@pytest.mark.parametrize("kind", ["mid", "cols"])
+def test_given_statistics(kind):
+    """Eval-mode BatchNorm (running statistics) forward and backward."""
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    mean, var = torch.randn(3, dtype=F64), torch.rand(3, dtype=F64) + 0.5
+    _against_reference(x, weight, bias, dims, shape, mean, var)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_mean_small_spread_keeps_precision(kind):
+    """float32 data of mean 1e4 and std 1e-2: the shifted statistics keep y accurate (a float32
+    mean alone would be off by up to 5e-4, i.e. 0.05 standard deviations)."""
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    x = (1e4 + 1e-2 * x).float()
+    y, mean, var, *_ = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=2e-5)
+    assert y.dtype == F32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_results_are_bitwise_reproducible(kind):
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    x = x.float().contiguous(memory_format=CL) if kind == "cols" else x.float()
+    first = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=1e-5)
+    second = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=1e-5)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls_name,args,shape", [
+    ("BatchNorm2d", (2,), (3, 2, 2, 1)),
+    ("GroupNorm", (2, 4), (2, 4, 2)),
+    ("LayerNorm", ((3,),), (2, 3)),
+])
+def test_gradcheck_and_double_backward(launches, cls_name, args, shape):
+    layer = getattr(normkit, cls_name)(*args, dtype=F64, device=DEVICE)
+    x = torch.randn(shape, dtype=F64, device=DEVICE, requires_grad=True)
+    assert gradcheck(layer, (x,), fast_mode=True)
+    assert gradgradcheck(layer, (x,), fast_mode=True)
+    assert launches["backward"] > 0  # first-order grads came from the kernels
+
+
+def test_running_statistics_update_matches_reference():
+    """The running-stat kernel (lerp as torch computes it) for momenta below, at and above 0.5."""
+    for momentum in (0.1, 0.5, 0.9):
+        base = torch.randn(2, 5, dtype=F32, device=DEVICE)
+        mean, var = torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE)
+        ours, theirs = base.clone(), base.clone()
+        gpu.update_running_stats(ours[0], ours[1], mean, var, 7, momentum)
+        reference.update_running_stats(theirs[0], theirs[1], mean.double(), var.double(), 7,
+                                        momentum)
+        torch.testing.assert_close(ours, theirs, rtol=2e-7, atol=1e-7)
+
+
+def test_rows_longer_than_max_row_use_the_reference(monkeypatch, launches):
+    monkeypatch.setattr(gpu_launch, "MAX_ROW", 4)
+    x, w = torch.randn(3, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    y = normkit.functional.layer_norm(x, (8,), w)
+    assert launches["forward"] == 0
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,), w))
+
+
+@pytest.mark.needs_cuda
+def test_cuda_tensors_use_triton_automatically(launches):
+    with normkit.use_backend(None):
+        assert normkit.backends.backend_for(torch.empty(1, device="cuda")) is gpu
+        layer, ref = normkit.BatchNorm2d(64).cuda(), torch.nn.BatchNorm2d(64).cuda()
+        x = torch.randn(32, 64, 56, 56, device="cuda").contiguous(memory_format=CL)
+        for dtype in (F32, BF16):
+            xs = [x.to(dtype).requires_grad_() for _ in range(2)]
+            ys = [m(xi) for m, xi in zip((layer, ref), xs)]
+            for y in ys:
+                y.float().square().sum().backward()
+            torch.testing.assert_close(ys[0], ys[1], rtol=2e-2 if dtype == BF16 else 1e-4,
+                                       atol=2e-2 if dtype == BF16 else 1e-4)
+            torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(layer.running_var, ref.running_var)
+    assert launches["forward"] == 2 and launches["backward"] == 2
