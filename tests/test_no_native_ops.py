@@ -33,12 +33,13 @@ LAYERS = [
 
 @pytest.mark.parametrize("make,shape", LAYERS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_no_native_normalization_op(make, shape, mode):
+@pytest.mark.parametrize("backend_name", [None, "triton"])
+def test_no_native_normalization_op(make, shape, mode, backend_name):
     m = make()
     m(torch.randn(shape))  # materialise lazy modules outside the recording
     m.train(mode == "train")
     x = torch.randn(shape, dtype=torch.float32, requires_grad=True)
-    with RecordOps() as rec:
+    with normkit.use_backend(backend_name), RecordOps() as rec:
         y = m(x)
         (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         gx.sum().backward()
