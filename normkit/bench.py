@@ -23,6 +23,7 @@ import normkit
 
 RESNET50_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
                    (32, 2048, 7, 7)]
+GPU_BATCH = 256  # CUDA runs add the ResNet-50 stage shapes at this batch size
 SMALL_SHAPE = (8, 32, 8, 8)
 LN_SHAPE = (8192, 1024)
 
@@ -74,6 +75,7 @@ class Row:
     dtype: str
     layout: str
     device: str
+    backend: str  # the normkit backend that ran
     torch_ms: float
     normkit_ms: float
     compile_ms: float | None
@@ -112,12 +114,14 @@ def copy_bandwidth(device: str, reps: int = 10) -> float:
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
-def shapes_for(op: Op, quick: bool) -> list[tuple[int, ...]]:
+def shapes_for(op: Op, quick: bool, device: str = "cpu") -> list[tuple[int, ...]]:
+    """The default shapes of an op; CUDA adds the ResNet-50 stages at batch GPU_BATCH."""
     if op.layer == "LayerNorm":
         return [LN_SHAPE] if not quick else [(2048, 1024)]
     if quick:
         return [SMALL_SHAPE, (32, 256, 56, 56)]
-    return [*RESNET50_SHAPES, SMALL_SHAPE]
+    large = [(GPU_BATCH, *s[1:]) for s in RESNET50_SHAPES] if device.startswith("cuda") else []
+    return [*RESNET50_SHAPES, *large, SMALL_SHAPE]
 
 
 def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str,
@@ -137,17 +141,38 @@ def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str,
     return run_fwdbwd
 
 
+@dataclass(frozen=True)
+class Inputs:
+    x: torch.Tensor
+    dy: torch.Tensor
+    residual: torch.Tensor | None
+    channels: int
+
+
+def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str,
+                device: str) -> Inputs:
+    """Seeded input, output grad (and residual) of one benchmark case."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, dy = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+             .contiguous(memory_format=fmt) for _ in range(2))
+    channels = shape[-1] if op.layer == "LayerNorm" else shape[1]
+    residual = torch.randn_like(x) if op.layer == "BatchNormAddReLU" else None
+    return Inputs(x, dy, residual, channels)
+
+
+def time_normkit(op: Op, inputs: Inputs, device: str, reps: int) -> float:
+    """Median seconds of normkit's layer on one case."""
+    module = op.build(normkit, inputs.channels).to(device).train(op.train)
+    return median_time(_runner(module, inputs.x, inputs.dy, op.passes, inputs.residual), device,
+                       reps)
+
+
 def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str,
               reps: int, with_compile: bool, copy_gbps: float) -> Row:
     """Time torch and normkit (and torch.compile) on one op, shape, dtype and layout."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else dy
-    channels = shape[-1] if op.layer == "LayerNorm" else shape[1]
-    residual = torch.randn_like(x) if op.layer == "BatchNormAddReLU" else None
+    inputs = make_inputs(op, shape, dtype, layout, device)
+    x, dy, residual, channels = inputs.x, inputs.dy, inputs.residual, inputs.channels
     modules = {lib: op.build(lib, channels).to(device).train(op.train) for lib in (tnn, normkit)}
     results = [_runner(modules[lib], x, dy, op.passes, residual)() for lib in (tnn, normkit)]
     err = float((results[0].detach().double() - results[1].detach().double()).abs().max())
@@ -164,7 +189,7 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
     ideal = op.ideal_factor * x.numel() * x.element_size()
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,
-        t_torch * 1e3, t_nk * 1e3, None if t_compile is None else t_compile * 1e3,
+        normkit.backends.backend_for(x).name, t_torch * 1e3, t_nk * 1e3, None if t_compile is None else t_compile * 1e3,
         t_torch / t_nk, ideal / t_nk / 1e9, ideal / t_torch / 1e9,
         100 * ideal / t_nk / 1e9 / copy_gbps, 100 * ideal / t_torch / 1e9 / copy_gbps, err,
     )
@@ -172,8 +197,10 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
 
 def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torch.float32,),
               layouts=("contiguous", "channels_last"), quick: bool = False,
-              shapes: list[tuple[int, ...]] | None = None, progress: bool = True) -> dict:
-    """Benchmark every (op, shape, dtype, layout); returns the JSON-ready report."""
+              shapes: list[tuple[int, ...]] | None = None, progress: bool = True,
+              backend: str | None = None) -> dict:
+    """Benchmark every (op, shape, dtype, layout); returns the JSON-ready report.
+    `backend` forces a normkit backend (default: the automatic choice)."""
     from tqdm import tqdm
 
     reps = 5 if quick else 10
@@ -182,7 +209,7 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
     jobs = []
     for name in ops:
         op = OPS[name]
-        for shape in shapes or shapes_for(op, quick):
+        for shape in shapes or shapes_for(op, quick, device):
             if op.layer == "LayerNorm" and len(shape) != 2:
                 continue
             for dtype in dtypes:
@@ -191,8 +218,9 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
                             "LayerNorm", "InstanceNorm2d")):
                         continue
                     jobs.append((op, shape, dtype, layout))
-    rows = [bench_one(op, shape, dtype, layout, device, reps, with_compile, copy_gbps)
-            for op, shape, dtype, layout in tqdm(jobs, disable=not progress, desc="bench")]
+    with normkit.use_backend(backend):
+        rows = [bench_one(op, shape, dtype, layout, device, reps, with_compile, copy_gbps)
+                for op, shape, dtype, layout in tqdm(jobs, disable=not progress, desc="bench")]
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if with_compile else platform.processor()
@@ -208,12 +236,12 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
 def format_table(report: dict) -> str:
     """The side-by-side table of a report."""
     has_compile = any(r["compile_ms"] is not None for r in report["rows"])
-    header = ["op", "shape", "dtype", "layout", "torch ms", "normkit ms"]
+    header = ["op", "shape", "dtype", "layout", "backend", "torch ms", "normkit ms"]
     header += ["compile ms"] if has_compile else []
     header += ["speedup", "torch GB/s", "normkit GB/s", "torch %copy", "normkit %copy"]
     body = []
     for r in report["rows"]:
-        line = [r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"],
+        line = [r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], r["backend"],
                 f"{r['torch_ms']:.2f}", f"{r['normkit_ms']:.2f}"]
         line += [f"{r['compile_ms']:.2f}"] if has_compile else []
         line += [f"{r['speedup']:.2f}x", f"{r['torch_gbps']:.1f}", f"{r['normkit_gbps']:.1f}",

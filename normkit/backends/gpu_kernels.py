@@ -55,8 +55,10 @@ def _rstd(var, eps_hi, eps_lo):
     """1 / sqrt(var + eps), correctly rounded."""
     eps = tl.zeros_like(var) + eps_hi + eps_lo
     if var.dtype == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
-    return tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))
+    return rstd
 
 
 @triton.jit

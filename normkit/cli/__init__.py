@@ -1,11 +1,11 @@
-"""The `normkit` command line: `normkit demo`, `normkit check`, `normkit bench`."""
+"""The `normkit` command line: `normkit demo`, `normkit check`, `normkit bench`, `normkit tune`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from normkit.cli import bench, check, demo
+from normkit.cli import bench, check, demo, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     check.add_parser(sub)
     bench.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 

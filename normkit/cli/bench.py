@@ -7,13 +7,14 @@ import argparse
 import torch
 
 from normkit import bench
+from normkit.backends import available_backends
 
 
 def _run(args: argparse.Namespace) -> int:
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes] if args.shapes else None
     report = bench.run_bench(
         ops=args.ops, device=args.device, dtypes=[getattr(torch, d) for d in args.dtypes],
-        layouts=args.layouts, quick=args.quick, shapes=shapes,
+        layouts=args.layouts, quick=args.quick, shapes=shapes, backend=args.backend,
     )
     print(bench.format_table(report))
     bench.write_json(report, args.json)
@@ -28,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time normkit against torch (GB/s, % of copy bandwidth)")
     p.add_argument("--ops", nargs="+", default=list(bench.OPS), choices=list(bench.OPS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=available_backends(),
+                   help="force a normkit backend (default: automatic)")
     p.add_argument("--dtypes", nargs="+", default=["float32"],
                    choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
