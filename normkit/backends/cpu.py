@@ -42,14 +42,20 @@ def is_available() -> bool:
 _compiled = None
 
 
-def _kernels(numel: int):
-    """The serial or parallel kernel set (numba is imported on first use)."""
+def _kernel_module():
+    """normkit.backends.cpu_kernels (numba is imported on first use)."""
     global _compiled
     if _compiled is None:
         from normkit.backends import cpu_kernels
 
         _compiled = cpu_kernels
-    return _compiled.serial if numel < SERIAL_BELOW else _compiled.parallel
+    return _compiled
+
+
+def _kernels(numel: int):
+    """The serial or parallel kernel set."""
+    k = _kernel_module()
+    return k.serial if numel < SERIAL_BELOW else k.parallel
 
 
 def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
@@ -228,15 +234,19 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          count: int, momentum: float) -> None:
     """`reference.update_running_stats`, in numpy for float32/float64 CPU buffers."""
     buffers = (running_mean, running_var, mean, var)
-    if torch.compiler.is_compiling() or any(
-            t.device.type != "cpu" or t.dtype not in _DTYPES or t.requires_grad for t in buffers):
+    if (torch.compiler.is_compiling() or not _kernel_buffers(buffers)
+            or running_mean.requires_grad or running_var.requires_grad):
         reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return
     correction = count / (count - 1) if count > 1 else 1.0
-    rm, rv = running_mean.numpy(), running_var.numpy()
-    rm += momentum * (mean.numpy() - rm)
-    rv += momentum * (var.numpy() * correction - rv)
+    _kernel_module().running_update(*(t.numpy() for t in buffers), momentum, correction)
     increment_version((running_mean, running_var))  # autograd must see the in-place update
+
+
+def _kernel_buffers(buffers: tuple[Tensor, ...]) -> bool:
+    """Contiguous 1-D float32/float64 CPU tensors, as the running-statistics kernel needs."""
+    return all(t.device.type == "cpu" and t.dtype in _DTYPES and t.dim() == 1
+               and t.is_contiguous() for t in buffers)
 
 
 def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,

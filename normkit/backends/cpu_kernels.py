@@ -459,6 +459,17 @@ def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
                     dxs[s, c] = dys[s, c] * p[c] + xs[s, c] * q[c] + z[c]
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def running_update(running_mean, running_var, mean, var, momentum, correction):
+    """running += momentum * (batch - running) in float64, rounded once into the buffers;
+    the variance enters unbiased (times `correction`)."""
+    for c in range(running_mean.shape[0]):
+        rm = np.float64(running_mean[c])
+        rv = np.float64(running_var[c])
+        running_mean[c] = rm + momentum * (mean[c] - rm)
+        running_var[c] = rv + momentum * (var[c] * correction - rv)
+
+
 def _compile(fn, parallel: bool):
     """A numba dispatcher of fn; serial and parallel builds get distinct cache entries."""
     suffix = "parallel" if parallel else "serial"
