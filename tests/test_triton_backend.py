@@ -119,22 +119,42 @@ def _normalize_case(kind):
 
 
 KINDS = ["mid", "cols", "mid-grouped", "nsc", "rows"]
+# (plan family, path): small 'mid' items are normalized by one program from registers
+# ("fused"); FUSED_MAX = 0 sends them through the split reductions instead.
+PATHS = [("mid", "fused"), ("mid", "split"), ("cols", "split"), ("mid-grouped", "fused"),
+         ("mid-grouped", "split"), ("nsc", "split"), ("rows", "fused")]
+
+
+def _case_on_path(monkeypatch, kind, path):
+    """_normalize_case(kind), with the launch path forced and checked."""
+    if path == "split":
+        monkeypatch.setattr(gpu_launch, "FUSED_MAX", 0)
+    x, weight, bias, dims, shape = case = _normalize_case(kind)
+    plan = plan_for(x, dims, (1,) * (x.dim() - len(shape or x.shape[-1:])) +
+                    tuple(shape or x.shape[-1:]))
+    fused = gpu_launch._fused_tile(gpu_launch.geometry(plan)) is not None
+    assert fused == (path == "fused" and kind != "rows"), (kind, path)
+    return case
 
 
 def _against_reference(x, weight, bias, dims, shape, mean=None, var=None, tol=1e-12):
     """normalize + backward through the kernels and through the reference, compared."""
     results = []
     for backend in (gpu, reference):
-        leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (x, weight, bias)]
+        leaves = [None if t is None else t.detach().clone().to(DEVICE).requires_grad_()
+                  for t in (x, weight, bias)]
         given = [None if t is None else t.to(DEVICE) for t in (mean, var)]
         y, m, v = backend.normalize(*leaves, dims, 1e-5, *given, shape)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
         y.backward(dy.to(DEVICE))
-        results.append([y, m, v] + [t.grad for t in leaves])
+        results.append([y, m, v] + [None if t is None else t.grad for t in leaves])
     names = ["y", "mean", "var", "dx", "dweight", "dbias"]
     for name, a, e in zip(names, *results):
         if name in ("mean", "var") and mean is not None:
             continue  # given statistics are passed through (the reference keeps their view)
+        if e is None:
+            assert a is None, name
+            continue
         a, e = a.detach(), e.detach()
         scale = max(1.0, float(e.abs().max()))
         err = float((a.double() - e.double()).abs().max())
@@ -147,6 +167,7 @@ def _against_reference(x, weight, bias, dims, shape, mean=None, var=None, tol=1e
 @pytest.mark.parametrize("kind", KINDS)
 def test_split_reductions_merge_exactly(monkeypatch, kind):
     """Tiny split sizes force many (sub, split) partials, merges and row programs."""
+    monkeypatch.setattr(gpu_launch, "FUSED_MAX", 0)
     monkeypatch.setattr(gpu_launch, "SPLIT_ELEMENTS", 8)
     monkeypatch.setattr(gpu_launch, "REDUCE_BLOCK", 8)
     monkeypatch.setattr(gpu_launch, "COLS_TILE", 8)
@@ -159,12 +180,18 @@ def test_split_reductions_merge_exactly(monkeypatch, kind):
     _against_reference(x, weight, bias, dims, shape)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_int64_indexing_path(monkeypatch, kind):
+@pytest.mark.parametrize("kind,path", PATHS)
+def test_int64_indexing_path(monkeypatch, kind, path):
     """The 64-bit offset variants (used above 2^31 elements) compute the same results."""
     monkeypatch.setattr(gpu_launch, "INT32_LIMIT", 0)
-    x, weight, bias, dims, shape = _normalize_case(kind)
+    x, weight, bias, dims, shape = _case_on_path(monkeypatch, kind, path)
     _against_reference(x, weight, bias, dims, shape)
+
+
+@pytest.mark.parametrize("kind,path", PATHS)
+def test_without_affine(monkeypatch, kind, path):
+    x, _, _, dims, shape = _case_on_path(monkeypatch, kind, path)
+    _against_reference(x, None, None, dims, shape)
 
 
 @pytest.mark.parametrize("kind", ["mid", "cols"])
@@ -175,19 +202,19 @@ def test_given_statistics(kind):
     _against_reference(x, weight, bias, dims, shape, mean, var)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_large_mean_small_spread_keeps_precision(kind):
+@pytest.mark.parametrize("kind,path", PATHS)
+def test_large_mean_small_spread_keeps_precision(monkeypatch, kind, path):
     """float32 data of mean 1e4 and std 1e-2: the shifted statistics keep y accurate (a float32
     mean alone would be off by up to 5e-4, i.e. 0.05 standard deviations)."""
-    x, weight, bias, dims, shape = _normalize_case(kind)
+    x, weight, bias, dims, shape = _case_on_path(monkeypatch, kind, path)
     x = (1e4 + 1e-2 * x).float()
     y, mean, var, *_ = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=2e-5)
     assert y.dtype == F32
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_results_are_bitwise_reproducible(kind):
-    x, weight, bias, dims, shape = _normalize_case(kind)
+@pytest.mark.parametrize("kind,path", PATHS)
+def test_results_are_bitwise_reproducible(monkeypatch, kind, path):
+    x, weight, bias, dims, shape = _case_on_path(monkeypatch, kind, path)
     x = x.float().contiguous(memory_format=CL) if kind == "cols" else x.float()
     first = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=1e-5)
     second = _against_reference(x, weight.float(), bias.float(), dims, shape, tol=1e-5)

@@ -348,6 +348,101 @@ def apply_coefficients(
 
 
 @triton.jit
+def _item_tile(NSUB, J, S, A, item, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
+               BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Offsets (A, J, S) and mask of one 'mid' item's elements, its subs (1, J, 1)."""
+    a = tl.arange(0, BLOCK_A)[:, None, None]
+    j = tl.arange(0, BLOCK_J)[None, :, None]
+    s = tl.arange(0, BLOCK_S)[None, None, :]
+    if INT64:
+        a = a.to(tl.int64)
+    sub = item * J + j
+    return a * NSUB * S + sub * S + s, (a < A) & (j < J) & (s < S), sub
+
+
+@triton.jit
+def mid_fused_forward(
+    x_ptr,  # (A, NSUB, S) input
+    w_ptr, b_ptr,  # (C,) or unused
+    y_ptr,  # (A, NSUB, S) out
+    stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
+    NSUB, J, C, S, A, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """One 'mid' item (A x J x S elements) held in registers: statistics of x - K
+    (two-pass, centred) and y, reading x once."""
+    item = tl.program_id(0)
+    if INT64:
+        item = item.to(tl.int64)
+    items = tl.num_programs(0)
+    acc = stats_ptr.dtype.element_ty
+    offs, mask, sub = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+    shift = tl.load(x_ptr + item * J * S).to(acc)
+    count = A * J * S
+    xs = tl.where(mask, x - shift, 0.0)
+    shifted_mean = tl.sum(xs, axis=None) / count
+    xc = tl.where(mask, xs - shifted_mean, 0.0)
+    var = tl.sum(xc * xc, axis=None) / count
+    rstd = _rstd(var, eps_hi, eps_lo)
+    y = xc * rstd
+    jmask = (tl.arange(0, BLOCK_J) < J)[None, :, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + sub % C, mask=jmask, other=0.0).to(acc)
+    if HAS_B:
+        y = y + tl.load(b_ptr + sub % C, mask=jmask, other=0.0).to(acc)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(stats_ptr + item, shift + shifted_mean)
+    tl.store(stats_ptr + items + item, var)
+    tl.store(stats_ptr + 2 * items + item, rstd)
+    tl.store(stats_ptr + 3 * items + item, shift)
+    tl.store(stats_ptr + 4 * items + item, shifted_mean)
+
+
+@triton.jit
+def mid_fused_backward(
+    x_ptr, dy_ptr,  # (A, NSUB, S)
+    w_ptr,  # (C,) or unused
+    stats_ptr,  # (5, ITEMS) acc dtype, from mid_fused_forward
+    dx_ptr,  # (A, NSUB, S) out (NEED_DX only)
+    sums_ptr,  # (2, NSUB) acc dtype out: dweight, dbias contribution of each sub
+    NSUB, J, C, S, A,
+    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    """Backward of mid_fused_forward, one item in registers, reading x and dy once:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * dy."""
+    item = tl.program_id(0)
+    if INT64:
+        item = item.to(tl.int64)
+    items = tl.num_programs(0)
+    acc = sums_ptr.dtype.element_ty
+    offs, mask, sub = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
+    rstd = tl.load(stats_ptr + 2 * items + item)
+    xc = (x - tl.load(stats_ptr + 3 * items + item)) - tl.load(stats_ptr + 4 * items + item)
+    xhat = tl.where(mask, xc * rstd, 0.0)
+    dyx = tl.sum(tl.sum(dy * xhat, 2), 0)  # (BLOCK_J,) per sub
+    dys = tl.sum(tl.sum(dy, 2), 0)
+    j = tl.arange(0, BLOCK_J)
+    subs = item * J + j
+    tl.store(sums_ptr + subs, dyx, mask=j < J)
+    tl.store(sums_ptr + NSUB + subs, dys, mask=j < J)
+    if NEED_DX:
+        w = tl.full([BLOCK_J], 1.0, acc)
+        if HAS_W:
+            w = tl.load(w_ptr + subs % C, mask=j < J, other=0.0).to(acc)
+        count = A * J * S
+        g_mean = tl.sum(w * dys, 0) / count
+        gx_mean = tl.sum(w * dyx, 0) / count
+        g = dy * w[None, :, None]
+        dx = (g - g_mean - xhat * gx_mean) * rstd
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def column_sums(
     src_ptr,  # (2, ROWS, C) acc dtype
     dst_ptr,  # (2, C) acc dtype out: sums over ROWS in a fixed order

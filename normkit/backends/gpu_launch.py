@@ -9,6 +9,7 @@ machine. The tuning knobs are the module constants.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ APPLY_WARPS = 8
 COLS_TILE = 2048  # elements of one cols_partials tile
 ROWS_PROGRAMS = 1024  # most programs sharing one LayerNorm backward's dweight / dbias
 MAX_ROW = 16384  # longest LayerNorm row held in registers
+FUSED_MAX = 16384  # largest (padded) 'mid' item normalized by one program from registers
 INT32_LIMIT = 2**31 - 1
 
 
@@ -155,6 +157,18 @@ def _column_sums(parts: Tensor, rows: int, columns: int) -> Tensor:
     return sums
 
 
+def _fused_tile(geo: Geometry) -> tuple[int, int, int] | None:
+    """(BLOCK_A, BLOCK_J, BLOCK_S) when one program can hold a whole 'mid' item."""
+    if geo.family != "mid":
+        return None
+    tile = tuple(triton.next_power_of_2(n) for n in (geo.A, geo.J, geo.S))
+    return tile if math.prod(tile) <= FUSED_MAX else None
+
+
+def _fused_warps(tile: tuple[int, int, int]) -> int:
+    return min(16, max(4, math.prod(tile) // 512))
+
+
 def rows_supported(plan: Plan) -> bool:
     return plan.kind != "rows" or plan.J <= MAX_ROW
 
@@ -163,7 +177,8 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             mean: Tensor | None, var: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, stats, coef): stats (5, items) = batch mean, biased var, rstd, shift K,
     mean(x - K) (None when mean / var were given); coef (5, nsub) = per-sub K, mean(x - K),
-    rstd, scale, bias (None for 'rows')."""
+    rstd, scale, bias (None when one program per item normalized from registers: 'rows' and
+    small 'mid' items)."""
     geo = geometry(plan)
     acc = accumulation_dtype(x.dtype)
     eps_pair = _float_pair(eps)
@@ -176,6 +191,14 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
         k.rows_forward[(geo.items,)](
             x, w, b, y, stats, geo.items, geo.L, *eps_pair, **flags, BLOCK_L=block_l,
             INT64=geo.int64, num_warps=min(16, max(1, block_l // 256)))
+        return y, stats, None
+    tile = _fused_tile(geo)
+    if mean is None and tile is not None:
+        stats = x.new_empty(5, geo.items, dtype=acc)
+        k.mid_fused_forward[(geo.items,)](
+            x, w, b, y, stats, geo.nsub, geo.J, geo.C, geo.S, geo.A, *eps_pair, **flags,
+            BLOCK_A=tile[0], BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64,
+            num_warps=_fused_warps(tile))
         return y, stats, None
     stats = None
     if mean is None:
@@ -220,6 +243,14 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
             num_warps=min(16, max(1, block_l // 256)))
         sums = _column_sums(part, programs, geo.L)
         return dx, sums[0], sums[1]
+    if coef is None:  # mid_fused_forward ran
+        tile = _fused_tile(geo)
+        sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
+        k.mid_fused_backward[(geo.items,)](
+            x, dy, w, stats, x if dx is None else dx, sub_sums, geo.nsub, geo.J, geo.C, geo.S,
+            geo.A, HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_A=tile[0],
+            BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64, num_warps=_fused_warps(tile))
+        return (dx, *_channel_sums(geo, sub_sums))
     splits = _splits(geo)
     part = x.new_empty(2, geo.nsub * splits.count, dtype=acc)
     _partials(geo, splits, x, dy, coef, part)
@@ -229,10 +260,16 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
         part, coef, w, bcoef, sub_sums, geo.nsub, geo.J, geo.C, splits.count, geo.count,
         HAS_W=weight is not None, BATCH_STATS=stats is not None,
         BLOCK_J=_pow2(geo.J, 64), BLOCK_S=_pow2(splits.count, 64))
-    sums = _column_sums(sub_sums, geo.nsub // geo.C, geo.C)
     if need_dx:
         _apply(geo, x, dy, bcoef, dx)
-    return dx, sums[0], sums[1]
+    return (dx, *_channel_sums(geo, sub_sums))
+
+
+def _channel_sums(geo: Geometry, sub_sums: Tensor) -> tuple[Tensor, Tensor]:
+    """dweight, dbias from each sub's (2, nsub) contributions (subs are (outer, C))."""
+    outer = geo.nsub // geo.C
+    sums = sub_sums if outer == 1 else _column_sums(sub_sums, outer, geo.C)
+    return sums[0], sums[1]
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
