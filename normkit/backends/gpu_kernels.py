@@ -7,6 +7,11 @@ channel and one statistics item (`gpu_launch.Geometry` says how a plan maps onto
 Item = sub // J (J subs per item), weight channel = sub % C.
   - 'rows' memory (M, L): LayerNorm, one item per row, weight per column.
 
+Launches: a small 'mid' item is normalized by one program from registers (mid_fused_*: x read
+once forward, x and dy once backward). Otherwise the forward is partials -> merge (+ per-sub
+coefficients) -> elementwise apply, and the backward partials -> coefficients -> apply, with a
+fixed-order column sum for dweight / dbias when several subs share a channel.
+
 Statistics: per-lane Welford of x - K (K = the item's first element, so large means keep their
 precision), lanes and programs merged with Chan's formula in a fixed order (a split count fixed
 by the shape): no atomics, bitwise reproducible. Accumulation in
@@ -62,30 +67,22 @@ def _rstd(var, eps_hi, eps_lo):
 
 
 @triton.jit
-def item_shifts(
-    x_ptr,  # input, in memory order
-    shift_ptr,  # (ITEMS,) acc dtype out: the item's first element
-    ITEMS, IPP, PSTRIDE, ISTRIDE,
-    BLOCK: tl.constexpr,
-):
-    """Each item's shift K: its element at (i // IPP) * PSTRIDE + (i % IPP) * ISTRIDE.
-    Statistics are taken of x - K, which is exact for data near K, so a mean far larger than
-    the spread costs no accuracy (the mean is kept as the pair K, mean(x - K))."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < ITEMS
-    first = (i.to(tl.int64) // IPP) * PSTRIDE + (i % IPP) * ISTRIDE
-    k = tl.load(x_ptr + first, mask=mask, other=0.0)
-    tl.store(shift_ptr + i, k.to(shift_ptr.dtype.element_ty), mask=mask)
+def _item_first(item, IPP, PSTRIDE, ISTRIDE):
+    """Offset of an item's first element: (item // IPP) * PSTRIDE + (item % IPP) * ISTRIDE.
+    That element is the item's shift K: statistics are taken of x - K, exact for data near K,
+    so a mean far larger than the spread costs no accuracy (the mean is kept as the pair
+    K, mean(x - K))."""
+    return (item // IPP) * PSTRIDE + (item % IPP) * ISTRIDE
 
 
 @triton.jit
 def mid_partials(
     x_ptr,  # (A, NSUB, S) input
     dy_ptr,  # (A, NSUB, S) output grad (BACKWARD only)
-    center_ptr,  # (ITEMS,) shifts K; BACKWARD: (5, NSUB) forward coefficients (K, mean(x-K), ..)
+    coef_ptr,  # (5, NSUB) forward coefficients (K, mean(x - K), ..) (BACKWARD only)
     part_ptr,  # (3, NSUB, SPLITS) acc dtype: Welford (n, mean, M2) of x - K,
     #            or BACKWARD (sum dy, sum dy * (x - mean), unused)
-    NSUB, J, S, SPAN, CHUNK, SPLITS,
+    NSUB, J, S, SPAN, CHUNK, SPLITS, IPP, PSTRIDE, ISTRIDE,
     BACKWARD: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     """Per (sub, split): statistics of x - K, or the two backward sums, over a CHUNK of the
@@ -100,10 +97,10 @@ def mid_partials(
     m = tl.zeros([BLOCK], acc)
     q = tl.zeros([BLOCK], acc)
     if BACKWARD:
-        shift = tl.load(center_ptr + sub)
-        shifted_mean = tl.load(center_ptr + NSUB + sub)
+        shift = tl.load(coef_ptr + sub)
+        shifted_mean = tl.load(coef_ptr + NSUB + sub)
     else:
-        shift = tl.load(center_ptr + sub // J)
+        shift = tl.load(x_ptr + _item_first(sub // J, IPP, PSTRIDE, ISTRIDE)).to(acc)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, SPAN)
     for t0 in range(start, end, BLOCK):
@@ -135,9 +132,9 @@ def mid_partials(
 def cols_partials(
     x_ptr,  # (P, Q, L) input
     dy_ptr,  # (P, Q, L) output grad (BACKWARD only)
-    center_ptr,  # as in mid_partials (NSUB = P * L)
+    coef_ptr,  # as in mid_partials (NSUB = P * L)
     part_ptr,  # (3, NSUB, SPLITS) acc dtype, as in mid_partials
-    Q, L, NSUB, J, CHUNK, SPLITS,
+    Q, L, NSUB, J, CHUNK, SPLITS, IPP, PSTRIDE, ISTRIDE,
     BACKWARD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr,
 ):
     """Per (p, column block, split): column statistics of x - K (or the backward sums) over
@@ -155,10 +152,11 @@ def cols_partials(
     q = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     sub = p * L + cols
     if BACKWARD:
-        shift = tl.load(center_ptr + sub, mask=cmask, other=0.0)[None, :]
-        shifted_mean = tl.load(center_ptr + NSUB + sub, mask=cmask, other=0.0)[None, :]
+        shift = tl.load(coef_ptr + sub, mask=cmask, other=0.0)[None, :]
+        shifted_mean = tl.load(coef_ptr + NSUB + sub, mask=cmask, other=0.0)[None, :]
     else:
-        shift = tl.load(center_ptr + sub // J, mask=cmask, other=0.0)[None, :]
+        first = _item_first(sub // J, IPP, PSTRIDE, ISTRIDE)
+        shift = tl.load(x_ptr + first, mask=cmask, other=0.0).to(acc)[None, :]
     base = p * Q * L
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, Q)
@@ -190,12 +188,15 @@ def cols_partials(
 @triton.jit
 def merge_stats(
     part_ptr,  # (3, ITEMS * K) acc dtype: Welford partials, an item's K entries contiguous
-    shift_ptr,  # (ITEMS,) acc dtype: the shifts K
+    x_ptr,  # input: the items' shifts K
+    w_ptr, b_ptr,  # (C,) or unused
     stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
-    ITEMS, K, eps_hi, eps_lo,
-    BLOCK: tl.constexpr,
+    coef_ptr,  # (5, NSUB) acc dtype out: K, mean(x - K), rstd, rstd * w, b of each sub
+    ITEMS, K, NSUB, J, C, IPP, PSTRIDE, ISTRIDE, eps_hi, eps_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """Merge each item's K partials (its J subs x SPLITS splits) in a fixed order."""
+    """Merge each item's K partials (its J subs x SPLITS splits) in a fixed order, then write
+    the coefficients of y = ((x - K) - mean(x - K)) * (rstd * w) + b for its subs."""
     item = tl.program_id(0).to(tl.int64)
     acc = stats_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -212,36 +213,45 @@ def merge_stats(
         n, m, q = _chan(n, m, q, n2, m2, q2)
     n, m, q = _combine_lanes(n, m, q, 0)
     var = q / n
-    shift = tl.load(shift_ptr + item)
+    rstd = _rstd(var, eps_hi, eps_lo)
+    shift = tl.load(x_ptr + _item_first(item, IPP, PSTRIDE, ISTRIDE)).to(acc)
     tl.store(stats_ptr + item, shift + m)
     tl.store(stats_ptr + ITEMS + item, var)
-    tl.store(stats_ptr + 2 * ITEMS + item, _rstd(var, eps_hi, eps_lo))
+    tl.store(stats_ptr + 2 * ITEMS + item, rstd)
     tl.store(stats_ptr + 3 * ITEMS + item, shift)
     tl.store(stats_ptr + 4 * ITEMS + item, m)
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jmask = j < J
+        sub = item * J + j
+        ones = tl.full([BLOCK_J], 1.0, acc)
+        scale = rstd * ones
+        if HAS_W:
+            scale = rstd * tl.load(w_ptr + sub % C, mask=jmask, other=0.0).to(acc)
+        bias = tl.zeros([BLOCK_J], acc)
+        if HAS_B:
+            bias = tl.load(b_ptr + sub % C, mask=jmask, other=0.0).to(acc)
+        tl.store(coef_ptr + sub, shift * ones, mask=jmask)
+        tl.store(coef_ptr + NSUB + sub, m * ones, mask=jmask)
+        tl.store(coef_ptr + 2 * NSUB + sub, rstd * ones, mask=jmask)
+        tl.store(coef_ptr + 3 * NSUB + sub, scale, mask=jmask)
+        tl.store(coef_ptr + 4 * NSUB + sub, bias, mask=jmask)
 
 
 @triton.jit
-def forward_coefficients(
-    shift_ptr,  # (ITEMS,) K of each item; GIVEN: (NSTAT,) given means, item i's at i % NSTAT
-    shifted_mean_ptr,  # (ITEMS,) mean(x - K) of each item (not GIVEN)
-    var_ptr,  # (ITEMS,) or (NSTAT,) (GIVEN): biased variances
+def given_coefficients(
+    mean_ptr, var_ptr,  # (NSTAT,) given statistics; item i uses entry i % NSTAT
     w_ptr, b_ptr,  # (C,) or unused
-    coef_ptr,  # (5, NSUB) acc dtype out: K, mean(x - K), rstd, rstd * w, b of each sub
+    coef_ptr,  # (5, NSUB) acc dtype out: mean, 0, rstd, rstd * w, b of each sub (K = mean)
     NSUB, J, C, NSTAT, eps_hi, eps_lo,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-sub coefficients of y = ((x - K) - mean(x - K)) * (rstd * w) + b."""
+    """Per-sub coefficients of y = (x - mean) * (rstd * w) + b from given (running) stats."""
     sub = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = sub < NSUB
     acc = coef_ptr.dtype.element_ty
     chan = sub % C
-    stat = sub // J
-    if GIVEN:
-        stat = stat % NSTAT
-    shift = tl.load(shift_ptr + stat, mask=mask, other=0.0).to(acc)
-    shifted_mean = tl.zeros([BLOCK], acc)
-    if not GIVEN:
-        shifted_mean = tl.load(shifted_mean_ptr + stat, mask=mask, other=0.0).to(acc)
+    stat = (sub // J) % NSTAT
     rstd = _rstd(tl.load(var_ptr + stat, mask=mask, other=0.0).to(acc), eps_hi, eps_lo)
     scale = rstd
     if HAS_W:
@@ -249,8 +259,8 @@ def forward_coefficients(
     bias = tl.zeros([BLOCK], acc)
     if HAS_B:
         bias = tl.load(b_ptr + chan, mask=mask, other=0.0).to(acc)
-    tl.store(coef_ptr + sub, shift, mask=mask)
-    tl.store(coef_ptr + NSUB + sub, shifted_mean, mask=mask)
+    tl.store(coef_ptr + sub, tl.load(mean_ptr + stat, mask=mask, other=0.0).to(acc), mask=mask)
+    tl.store(coef_ptr + NSUB + sub, tl.zeros([BLOCK], acc), mask=mask)
     tl.store(coef_ptr + 2 * NSUB + sub, rstd, mask=mask)
     tl.store(coef_ptr + 3 * NSUB + sub, scale, mask=mask)
     tl.store(coef_ptr + 4 * NSUB + sub, bias, mask=mask)

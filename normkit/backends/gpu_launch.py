@@ -119,21 +119,23 @@ def _splits(geo: Geometry) -> _Splits:
     return _Splits(triton.cdiv(geo.Q, chunk), chunk, block_q, block_l)
 
 
-def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None, center: Tensor,
-              part: Tensor) -> None:
-    """Welford partials of x - K (dy None; center = the shifts K) or the backward sums
-    (center = the forward coefficients), per (sub, split)."""
+def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
+              coef: Tensor | None, part: Tensor) -> None:
+    """Welford partials of x - K (dy None) or the backward sums (dy and the forward
+    coefficients given), per (sub, split)."""
     backward = dy is not None
     dy = x if dy is None else dy
+    coef = part if coef is None else coef
+    firsts = (geo.ipp, geo.pstride, geo.istride)
     if geo.family == "mid":
         k.mid_partials[(geo.nsub, splits.count)](
-            x, dy, center, part, geo.nsub, geo.J, geo.S, geo.span, splits.chunk, splits.count,
-            BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
+            x, dy, coef, part, geo.nsub, geo.J, geo.S, geo.span, splits.chunk, splits.count,
+            *firsts, BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
     else:
         grid = (geo.P, triton.cdiv(geo.L, splits.block_l), splits.count)
         k.cols_partials[grid](
-            x, dy, center, part, geo.Q, geo.L, geo.nsub, geo.J, splits.chunk, splits.count,
-            BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
+            x, dy, coef, part, geo.Q, geo.L, geo.nsub, geo.J, splits.chunk, splits.count,
+            *firsts, BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
             INT64=geo.int64, num_warps=4)
 
 
@@ -200,25 +202,22 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             BLOCK_A=tile[0], BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64,
             num_warps=_fused_warps(tile))
         return y, stats, None
+    coef = x.new_empty(5, geo.nsub, dtype=acc)
     stats = None
     if mean is None:
-        shifts = x.new_empty(geo.items, dtype=acc)
-        k.item_shifts[(triton.cdiv(geo.items, 1024),)](
-            x, shifts, geo.items, geo.ipp, geo.pstride, geo.istride, BLOCK=1024)
         splits = _splits(geo)
         part = x.new_empty(3, geo.nsub * splits.count, dtype=acc)
-        _partials(geo, splits, x, None, shifts, part)
+        _partials(geo, splits, x, None, None, part)
         stats = x.new_empty(5, geo.items, dtype=acc)
         entries = geo.J * splits.count
-        k.merge_stats[(geo.items,)](part, shifts, stats, geo.items, entries, *eps_pair,
-                                    BLOCK=_pow2(entries, 1024))
-        centers = (stats[3], stats[4], stats[1])
+        k.merge_stats[(geo.items,)](
+            part, x, w, b, stats, coef, geo.items, entries, geo.nsub, geo.J, geo.C, geo.ipp,
+            geo.pstride, geo.istride, *eps_pair, **flags, BLOCK=_pow2(entries, 1024),
+            BLOCK_J=_pow2(geo.J, 64))
     else:
-        centers = (mean.contiguous(), mean, var.contiguous())
-    coef = x.new_empty(5, geo.nsub, dtype=acc)
-    k.forward_coefficients[(triton.cdiv(geo.nsub, 1024),)](
-        *centers, w, b, coef, geo.nsub, geo.J, geo.C, centers[0].numel(), *eps_pair,
-        **flags, GIVEN=stats is None, BLOCK=1024)
+        k.given_coefficients[(triton.cdiv(geo.nsub, 1024),)](
+            mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C,
+            mean.numel(), *eps_pair, **flags, BLOCK=1024)
     _apply(geo, x, None, coef, y)
     return y, stats, coef
 
