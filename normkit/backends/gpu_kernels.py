@@ -76,6 +76,35 @@ def _item_first(item, IPP, PSTRIDE, ISTRIDE):
 
 
 @triton.jit
+def _accumulate(n, m, q, x_ptr, dy_ptr, addr, mask, shift, shifted_mean,
+                BACKWARD: tl.constexpr):
+    """One tile into the lane accumulators: Welford (n, m, q) of x - K, or BACKWARD the
+    sums (m: dy, q: dy * (x - mean)) with mean = K + shifted_mean."""
+    acc = n.dtype
+    xs = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc) - shift
+    if BACKWARD:
+        dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
+        m += dy
+        q += dy * tl.where(mask, xs - shifted_mean, 0.0)
+    else:
+        n, m, q = _welford(n, m, q, xs, mask)
+    return n, m, q
+
+
+@triton.jit
+def _store_partials(part_ptr, idx, total, n, m, q, mask, BACKWARD: tl.constexpr):
+    """The lanes (axis 0) of one program's accumulators as partial idx of `part_ptr`."""
+    if BACKWARD:
+        tl.store(part_ptr + idx, tl.sum(m, 0), mask=mask)
+        tl.store(part_ptr + total + idx, tl.sum(q, 0), mask=mask)
+    else:
+        n, m, q = _combine_lanes(n, m, q, 0)
+        tl.store(part_ptr + idx, n, mask=mask)
+        tl.store(part_ptr + total + idx, m, mask=mask)
+        tl.store(part_ptr + 2 * total + idx, q, mask=mask)
+
+
+@triton.jit
 def mid_partials(
     x_ptr,  # (A, NSUB, S) input
     dy_ptr,  # (A, NSUB, S) output grad (BACKWARD only)
@@ -96,6 +125,7 @@ def mid_partials(
     n = tl.zeros([BLOCK], acc)
     m = tl.zeros([BLOCK], acc)
     q = tl.zeros([BLOCK], acc)
+    shifted_mean = 0.0
     if BACKWARD:
         shift = tl.load(coef_ptr + sub)
         shifted_mean = tl.load(coef_ptr + NSUB + sub)
@@ -109,23 +139,9 @@ def mid_partials(
         if INT64:
             t = t.to(tl.int64)
         addr = (t // S) * NSUB * S + sub * S + t % S
-        xs = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc) - shift
-        if BACKWARD:
-            dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
-            m += dy
-            q += dy * tl.where(mask, xs - shifted_mean, 0.0)
-        else:
-            n, m, q = _welford(n, m, q, xs, mask)
-    total = NSUB * SPLITS
-    idx = sub * SPLITS + split
-    if BACKWARD:
-        tl.store(part_ptr + idx, tl.sum(m, 0))
-        tl.store(part_ptr + total + idx, tl.sum(q, 0))
-    else:
-        n, m, q = _combine_lanes(n, m, q, 0)
-        tl.store(part_ptr + idx, n)
-        tl.store(part_ptr + total + idx, m)
-        tl.store(part_ptr + 2 * total + idx, q)
+        n, m, q = _accumulate(n, m, q, x_ptr, dy_ptr, addr, mask, shift, shifted_mean,
+                              BACKWARD)
+    _store_partials(part_ptr, sub * SPLITS + split, NSUB * SPLITS, n, m, q, None, BACKWARD)
 
 
 @triton.jit
@@ -151,6 +167,7 @@ def cols_partials(
     m = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     q = tl.zeros([BLOCK_Q, BLOCK_L], acc)
     sub = p * L + cols
+    shifted_mean = 0.0
     if BACKWARD:
         shift = tl.load(coef_ptr + sub, mask=cmask, other=0.0)[None, :]
         shifted_mean = tl.load(coef_ptr + NSUB + sub, mask=cmask, other=0.0)[None, :]
@@ -166,23 +183,9 @@ def cols_partials(
         if INT64:
             r = r.to(tl.int64)
         addr = base + r[:, None] * L + cols[None, :]
-        xs = tl.load(x_ptr + addr, mask=mask, other=0.0).to(acc) - shift
-        if BACKWARD:
-            dy = tl.load(dy_ptr + addr, mask=mask, other=0.0).to(acc)
-            m += dy
-            q += dy * tl.where(mask, xs - shifted_mean, 0.0)
-        else:
-            n, m, q = _welford(n, m, q, xs, mask)
-    total = NSUB * SPLITS
-    idx = sub * SPLITS + split
-    if BACKWARD:
-        tl.store(part_ptr + idx, tl.sum(m, 0), mask=cmask)
-        tl.store(part_ptr + total + idx, tl.sum(q, 0), mask=cmask)
-    else:
-        n, m, q = _combine_lanes(n, m, q, 0)
-        tl.store(part_ptr + idx, n, mask=cmask)
-        tl.store(part_ptr + total + idx, m, mask=cmask)
-        tl.store(part_ptr + 2 * total + idx, q, mask=cmask)
+        n, m, q = _accumulate(n, m, q, x_ptr, dy_ptr, addr, mask, shift, shifted_mean,
+                              BACKWARD)
+    _store_partials(part_ptr, sub * SPLITS + split, NSUB * SPLITS, n, m, q, cmask, BACKWARD)
 
 
 @triton.jit
