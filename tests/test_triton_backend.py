@@ -271,3 +271,17 @@ def test_cuda_tensors_use_triton_automatically(launches):
             torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(layer.running_var, ref.running_var)
     assert launches["forward"] == 2 and launches["backward"] == 2
+
+
+def test_torch_compile_traces_through_the_reference_path(launches):
+    """While torch.compile traces, the Triton backend hands calls to the reference ops, so a
+    model compiles with fullgraph=True and matches eager (kernels as triton_op: not yet)."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(normkit.BatchNorm2d(3), normkit.GroupNorm(1, 3)).to(DEVICE)
+    twin = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.GroupNorm(1, 3)).to(DEVICE)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), twin(x))
+    torch.testing.assert_close(model[0].running_var, twin[0].running_var)
+    assert launches["forward"] == 0

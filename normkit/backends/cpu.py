@@ -195,10 +195,7 @@ def normalize(
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
     if torch.compiler.is_compiling():
         return _traced_normalize(plan, x, weight, bias, eps, mean, var)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
-    if needs_grad:
+    if reference.needs_grad(x, weight, bias):
         return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
     y, stats = _forward(plan, x, weight, bias, eps, mean, var)
     return (y, *_stats_outputs(stats, mean, var))

@@ -55,9 +55,9 @@ def _launch():
 
 
 def _plan(x: Tensor, weight, bias, dims, mean, shape) -> Plan | None:
-    if x.dtype not in _DTYPES or not runs_on(x) or not is_available():
-        return None
     if torch.compiler.is_compiling():
+        return None
+    if x.dtype not in _DTYPES or not runs_on(x) or not is_available():
         return None
     param = weight if weight is not None else bias
     param_shape = None
@@ -132,10 +132,7 @@ def normalize(
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad))
-    if needs_grad:
+    if reference.needs_grad(x, weight, bias):
         return _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
     y, stats, _ = _launch().forward(plan, x, weight, bias, eps, mean, var)
     return (y, *_stats_outputs(stats, mean, var))

@@ -218,11 +218,7 @@ def merge_stats(
     var = q / n
     rstd = _rstd(var, eps_hi, eps_lo)
     shift = tl.load(x_ptr + _item_first(item, IPP, PSTRIDE, ISTRIDE)).to(acc)
-    tl.store(stats_ptr + item, shift + m)
-    tl.store(stats_ptr + ITEMS + item, var)
-    tl.store(stats_ptr + 2 * ITEMS + item, rstd)
-    tl.store(stats_ptr + 3 * ITEMS + item, shift)
-    tl.store(stats_ptr + 4 * ITEMS + item, m)
+    _store_item_stats(stats_ptr, item, ITEMS, shift, m, var, rstd)
     for j0 in range(0, J, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         jmask = j < J
@@ -361,6 +357,16 @@ def apply_coefficients(
 
 
 @triton.jit
+def _store_item_stats(stats_ptr, item, items, shift, shifted_mean, var, rstd):
+    """Row `item` of the (5, items) statistics: mean, biased var, rstd, K, mean(x - K)."""
+    tl.store(stats_ptr + item, shift + shifted_mean)
+    tl.store(stats_ptr + items + item, var)
+    tl.store(stats_ptr + 2 * items + item, rstd)
+    tl.store(stats_ptr + 3 * items + item, shift)
+    tl.store(stats_ptr + 4 * items + item, shifted_mean)
+
+
+@triton.jit
 def _item_tile(NSUB, J, S, A, item, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
                BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Offsets (A, J, S) and mask of one 'mid' item's elements, its subs (1, J, 1)."""
@@ -406,11 +412,7 @@ def mid_fused_forward(
     if HAS_B:
         y = y + tl.load(b_ptr + sub % C, mask=jmask, other=0.0).to(acc)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(stats_ptr + item, shift + shifted_mean)
-    tl.store(stats_ptr + items + item, var)
-    tl.store(stats_ptr + 2 * items + item, rstd)
-    tl.store(stats_ptr + 3 * items + item, shift)
-    tl.store(stats_ptr + 4 * items + item, shifted_mean)
+    _store_item_stats(stats_ptr, item, items, shift, shifted_mean, var, rstd)
 
 
 @triton.jit
@@ -506,11 +508,7 @@ def rows_forward(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(acc)
     tl.store(y_ptr + row * L + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(stats_ptr + row, shift + shifted_mean)
-    tl.store(stats_ptr + M + row, var)
-    tl.store(stats_ptr + 2 * M + row, rstd)
-    tl.store(stats_ptr + 3 * M + row, shift)
-    tl.store(stats_ptr + 4 * M + row, shifted_mean)
+    _store_item_stats(stats_ptr, row, M, shift, shifted_mean, var, rstd)
 
 
 @triton.jit
