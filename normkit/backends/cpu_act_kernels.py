@@ -24,7 +24,7 @@ from normkit.backends.cpu_kernels import (
     _cols_affine_coefficients,
     _cols_grad_coefficients,
     _cols_merge_stats,
-    _cols_shifted_sums,
+    _cols_sums,
     _compile,
     _finish,
 )
@@ -194,8 +194,8 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
         for c in range(n_c):
             shift[c] = x[0, c]
         for blk in prange(n_blocks):
-            _cols_shifted_sums(x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
-                               s1_part[blk], s2_part[blk])
+            _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
+                       s1_part[blk], s2_part[blk], False)
         _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)

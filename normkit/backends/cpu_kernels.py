@@ -42,26 +42,68 @@ def _finish(s1, s2, shift, count, eps, stats, m):
     stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
+# From this many columns on, the per-column accumulators of a block no longer sit in L1 next to
+# the rows, and the sums take 4 rows per accumulator update (measured: 2.5x faster statistics
+# at 2048 columns, 1.4x at 1024, slower at 512 and below).
+UNROLL_COLUMNS = 1024
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_shifted_sums(x, lo, hi, shift, s1, s2):
-    """s1[c] += Σ(x[r, c] - shift[c]), s2[c] += Σ(...)² over rows lo..hi-1 (one block)."""
-    for r in range(lo, hi):
+def _cols_sums(x, g, lo, hi, center, s1, s2, use_g):
+    """One block's column sums over rows lo..hi-1, with d = x[r, c] - center[c]:
+    s1[c] += Σ d, s2[c] += Σ d² (statistics), or with use_g s1[c] += Σ g, s2[c] += Σ g·d."""
+    r = lo
+    if x.shape[1] >= UNROLL_COLUMNS:
+        while r + 4 <= hi:
+            for c in range(x.shape[1]):
+                k = center[c]
+                d0 = np.float64(x[r, c]) - k
+                d1 = np.float64(x[r + 1, c]) - k
+                d2 = np.float64(x[r + 2, c]) - k
+                d3 = np.float64(x[r + 3, c]) - k
+                if use_g:
+                    g0 = np.float64(g[r, c])
+                    g1 = np.float64(g[r + 1, c])
+                    g2 = np.float64(g[r + 2, c])
+                    g3 = np.float64(g[r + 3, c])
+                    s1[c] += (g0 + g1) + (g2 + g3)
+                    s2[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+                else:
+                    s1[c] += (d0 + d1) + (d2 + d3)
+                    s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
+    while r < hi:
         for c in range(x.shape[1]):
-            d = np.float64(x[r, c]) - shift[c]
-            s1[c] += d
-            s2[c] += d * d
+            d = np.float64(x[r, c]) - center[c]
+            if use_g:
+                gv = np.float64(g[r, c])
+                s1[c] += gv
+                s2[c] += gv * d
+            else:
+                s1[c] += d
+                s2[c] += d * d
+        r += 1
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_totals(s1_part, s2_part):
+    """Column totals of the (blocks, columns) partials, added in block order (walked row by
+    row: a column-by-column walk costs a TLB miss per block at thousands of columns)."""
+    s1 = s1_part[0].copy()
+    s2 = s2_part[0].copy()
+    for blk in range(1, s1_part.shape[0]):
+        for c in range(s1.shape[0]):
+            s1[c] += s1_part[blk, c]
+            s2[c] += s2_part[blk, c]
+    return s1, s2
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _cols_merge_stats(s1_part, s2_part, shift, count, eps, stats):
     """Per-column statistics from block partial sums, merged in block order."""
+    s1, s2 = _block_totals(s1_part, s2_part)
     for c in range(shift.shape[0]):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(s1_part.shape[0]):
-            s1 += s1_part[blk, c]
-            s2 += s2_part[blk, c]
-        _finish(s1, s2, shift[c], count, eps, stats, c)
+        _finish(s1[c], s2[c], shift[c], count, eps, stats, c)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -76,12 +118,10 @@ def _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta):
 def _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, count, dw, db, p, q,
                             z):
     """From block partials of Σg and Σg·(x - mean): dw, db and dx = g·p + x·q + z per column."""
+    sg_all, sgx_all = _block_totals(s1_part, s2_part)
     for c in range(p.shape[0]):
-        sg = 0.0
-        sgx = 0.0
-        for blk in range(s1_part.shape[0]):
-            sg += s1_part[blk, c]
-            sgx += s2_part[blk, c]
+        sg = sg_all[c]
+        sgx = sgx_all[c]
         r = stats[2, c]
         dw[c] = sgx * r
         db[c] = sg
@@ -322,8 +362,8 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
     for c in range(n_c):
         shift[c] = x[0, c]
     for blk in prange(n_blocks):
-        _cols_shifted_sums(x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
-                           s1_part[blk], s2_part[blk])
+        _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
+                   s1_part[blk], s2_part[blk], False)
     _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
@@ -357,12 +397,10 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_bl
     per_block = (n_r + n_blocks - 1) // n_blocks
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
+    mean = stats[0].copy()
     for blk in prange(n_blocks):
-        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            for c in range(n_c):
-                d = np.float64(dy[r, c])
-                s1_part[blk, c] += d
-                s2_part[blk, c] += d * (np.float64(x[r, c]) - stats[0, c])
+        _cols_sums(x, dy, blk * per_block, min(n_r, (blk + 1) * per_block), mean,
+                   s1_part[blk], s2_part[blk], True)
     p = np.empty(n_c)
     q = np.empty(n_c)
     z = np.empty(n_c)
@@ -390,11 +428,7 @@ def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats):
             shift[c] = xs[0, (c // n_cg) * n_cg]
         s1 = np.zeros(n_c)
         s2 = np.zeros(n_c)
-        for s in range(n_s):
-            for c in range(n_c):
-                d = np.float64(xs[s, c]) - shift[c]
-                s1[c] += d
-                s2[c] += d * d
+        _cols_sums(xs, xs, 0, n_s, shift, s1, s2, False)
         alpha = np.empty(n_c)
         beta = np.empty(n_c)
         for g in range(n_g):
@@ -427,11 +461,7 @@ def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
             mean_c[c] = stats[0, n * n_g + c // n_cg]
         sdy = np.zeros(n_c)
         sdyx = np.zeros(n_c)
-        for s in range(n_s):
-            for c in range(n_c):
-                d = np.float64(dys[s, c])
-                sdy[c] += d
-                sdyx[c] += d * (np.float64(xs[s, c]) - mean_c[c])
+        _cols_sums(xs, dys, 0, n_s, mean_c, sdy, sdyx, True)
         p = np.empty(n_c)
         q = np.empty(n_c)
         z = np.empty(n_c)
