@@ -42,6 +42,8 @@ def _finish(s1, s2, shift, count, eps, stats, m):
     stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
+_ELEMENTWISE_BLOCKS = 64  # contiguous row ranges of an elementwise pass, spread over threads
+
 # From this many columns on, the per-column accumulators of a block no longer sit in L1 next to
 # the rows, and the sums take 4 rows per accumulator update (measured: 2.5x faster statistics
 # at 2048 columns, 1.4x at 1024, slower at 512 and below).
@@ -160,23 +162,32 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
 def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
     """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean)).
 
-    Purely elementwise, so it walks memory in order: (a, m) rows in parallel."""
+    Purely elementwise: per-(m, j) coefficients first, then each thread walks a contiguous
+    range of the (a, m, j) rows (a per-row loop of short rows costs a third more at 7x7)."""
     n_a, n_m, n_j, n_s = x.shape
     n_w = w.shape[0]
     n_stat = mean.shape[0]
+    alpha = np.empty((n_m, n_j))
+    beta = np.empty((n_m, n_j))
     for m in range(n_m):
         stats[0, m] = mean[m % n_stat]
         stats[1, m] = var[m % n_stat]
         stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
-    for am in prange(n_a * n_m):
-        a = am // n_m
-        m = am % n_m
-        k = m % n_w
         for j in range(n_j):
-            alpha = stats[2, m] * w[k, j] if has_w else stats[2, m]
-            beta = (b[k, j] if has_b else 0.0) - stats[0, m] * alpha
+            alpha[m, j] = stats[2, m] * w[m % n_w, j] if has_w else stats[2, m]
+            beta[m, j] = (b[m % n_w, j] if has_b else 0.0) - stats[0, m] * alpha[m, j]
+    rows = n_a * n_m * n_j
+    xr = x.reshape(rows, n_s)
+    yr = y.reshape(rows, n_s)
+    per_block = (rows + _ELEMENTWISE_BLOCKS - 1) // _ELEMENTWISE_BLOCKS
+    for blk in prange(_ELEMENTWISE_BLOCKS):
+        for r in range(blk * per_block, min(rows, (blk + 1) * per_block)):
+            m = (r // n_j) % n_m
+            j = r % n_j
+            al = alpha[m, j]
+            be = beta[m, j]
             for s in range(n_s):
-                y[a, m, j, s] = x[a, m, j, s] * alpha + beta
+                yr[r, s] = xr[r, s] * al + be
 
 
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats):
