@@ -106,8 +106,8 @@ def tune(cases: list[Case] | None = None, device: str = "cuda", reps: int = 10,
 
 def format_report(report: dict) -> str:
     """The trials, then the best set as assignment lines for gpu_launch.py."""
-    lines = [f"tuning the Triton backend on {report['device_name']} "
-             f"({len(report['cases'])} cases, geometric mean of median times)"]
+    lines = [(f"tuning the Triton backend on {report['device_name']} "
+              f"({len(report['cases'])} cases, geometric mean of median times)")]
     for trial in report["trials"]:
         changed = {k: v for k, v in trial["config"].items() if v != report["default"][k]}
         lines.append(f"  {trial['geomean_ms']:9.3f} ms  {changed or 'defaults'}")

@@ -49,7 +49,7 @@ class Recorder:
 
 def _cases():
     gen = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=gen)
     cl = torch.channels_last
     yield rand(4, 3, 5, 6), (0, 2, 3), (3, 1, 1)  # mid: BatchNorm NCHW
     yield rand(4, 3, 5, 6).contiguous(memory_format=cl), (0, 2, 3), (3, 1, 1)  # cols
@@ -81,7 +81,7 @@ def record_launches() -> set:
                                   torch.ones(plan.items, dtype=pdtype)))
                 for mean, var in given:
                     for weight in (w, None):
-                        y, stats, coef = gpu_launch.forward(plan, xd, weight, weight, 1e-5, mean,
+                        _, stats, coef = gpu_launch.forward(plan, xd, weight, weight, 1e-5, mean,
                                                             var)
                         for need_dx in (True, False):
                             gpu_launch.backward(plan, xd, xd, weight, stats, coef, need_dx)

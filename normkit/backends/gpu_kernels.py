@@ -433,7 +433,7 @@ def mid_fused_backward(
         item = item.to(tl.int64)
     items = tl.num_programs(0)
     acc = sums_ptr.dtype.element_ty
-    offs, mask, sub = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
+    offs, mask, _ = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
     rstd = tl.load(stats_ptr + 2 * items + item)
