@@ -19,6 +19,7 @@ EXAMPLES = int(os.environ.get("NORMKIT_FUZZ_EXAMPLES", "400"))
 SEED = os.environ.get("NORMKIT_FUZZ_SEED")
 FUZZ = settings(max_examples=EXAMPLES, derandomize=SEED is None, deadline=None,
                 suppress_health_check=list(HealthCheck))
+TRITON_FUZZ = settings(FUZZ, max_examples=max(1, EXAMPLES // 5))
 
 RANKS = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,),
          "SyncBatchNorm": (2, 3, 4, 5), "InstanceNorm1d": (2, 3), "InstanceNorm2d": (3, 4),
@@ -94,6 +95,22 @@ def _seeded(fn):
 @FUZZ
 @given(cases())
 def test_normkit_agrees_with_torch(case):
+    _agrees_with_torch(case)
+
+
+@_seeded
+@TRITON_FUZZ
+@given(cases())
+def test_triton_backend_agrees_with_torch(case):
+    """The same search with every call forced through the Triton kernels (on CPU tensors in
+    Triton's interpreter when there is no GPU: fewer examples)."""
+    import normkit
+
+    with normkit.use_backend("triton"):
+        _agrees_with_torch(case)
+
+
+def _agrees_with_torch(case):
     import torch.nn as tnn
 
     import normkit

@@ -285,3 +285,28 @@ def test_torch_compile_traces_through_the_reference_path(launches):
     torch.testing.assert_close(compiled(x), twin(x))
     torch.testing.assert_close(model[0].running_var, twin[0].running_var)
     assert launches["forward"] == 0
+
+
+@pytest.mark.parametrize("case", ["subs>64", "mid splits>64", "cols splits>64"])
+def test_block_loops_over_many_subs_and_splits(monkeypatch, case):
+    """Items of more than 64 subs and subs of more than 64 splits make the coefficient
+    kernels loop over their BLOCK_J / BLOCK_S tiles."""
+    for name, value in (("FUSED_MAX", 0), ("SPLIT_ELEMENTS", 2), ("REDUCE_BLOCK", 2),
+                        ("COLS_TILE", 4)):
+        monkeypatch.setattr(gpu_launch, name, value)
+    gen = torch.Generator().manual_seed(11)
+    if case == "subs>64":  # GroupNorm, one group of 66 channels
+        x, params, dims, shape = torch.randn(2, 1, 66, 3, generator=gen, dtype=F64), 66, \
+            (2, 3), (1, 1, 66, 1)
+    elif case == "mid splits>64":  # BatchNorm1d over 140 positions, 70 splits
+        x, params, dims, shape = torch.randn(1, 2, 140, generator=gen, dtype=F64), 2, (0, 2), \
+            (2, 1)
+    else:  # channels_last BatchNorm over 140 rows, one split each
+        x = torch.randn(1, 3, 10, 14, generator=gen, dtype=F64).contiguous(memory_format=CL)
+        params, dims, shape = 3, (0, 2, 3), (3, 1, 1)
+    plan = plan_for(x, dims, (1,) * (x.dim() - len(shape)) + shape)
+    geo = gpu_launch.geometry(plan)
+    assert geo.J > 64 or gpu_launch._splits(geo).count > 64
+    weight = torch.randn(params, generator=gen, dtype=F64)
+    bias = torch.randn(params, generator=gen, dtype=F64)
+    _against_reference(x, weight, bias, dims, shape)
