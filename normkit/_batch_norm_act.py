@@ -86,10 +86,9 @@ class BatchNormAct(torch.autograd.Function):
         dims = (0,) + tuple(range(2, x.dim()))
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         given = (None, None) if training else (running_mean, running_var)
-        z, mean, var = backend.normalize(x, weight, bias, dims, eps, *given, shape)
-        if training and running_mean is not None:
-            count = x.numel() // x.shape[1]
-            backend.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        update = (running_mean, running_var, momentum) if training and running_mean is not None \
+            else None
+        z, _, _ = backend.normalize(x, weight, bias, dims, eps, *given, shape, update)
         if residual is not None:
             z = z.add_(residual) if z.stride() == residual.stride() else z + residual
         ctx.act, ctx.slope, ctx.eps, ctx.training = act, slope, eps, training

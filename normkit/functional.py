@@ -69,8 +69,9 @@ def batch_norm(
         return _empty_output(input, weight, bias)
     x = dense_in_suggested_format(input)
     dims = (0,) + tuple(range(2, x.dim()))
-    backend = backend_for(x)
-    y, mean, var = backend.normalize(
+    update = (running_mean, running_var, momentum) if training and running_mean is not None \
+        else None
+    y, _, _ = backend_for(x).normalize(
         x,
         weight,
         bias,
@@ -79,10 +80,8 @@ def batch_norm(
         None if training else running_mean,
         None if training else running_var,
         _channel_shape(x),
+        update,
     )
-    if training and running_mean is not None:
-        count = input.numel() // input.shape[1]
-        backend.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 

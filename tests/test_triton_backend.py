@@ -33,7 +33,7 @@ def _triton_backend():
 def launches(monkeypatch):
     """Counts of gpu_launch.forward / backward calls during the test."""
     counts = collections.Counter()
-    for fn_name in ("forward", "backward"):
+    for fn_name in ("forward", "backward", "update_running_stats"):
         original = getattr(gpu_launch, fn_name)
 
         def counted(*args, _original=original, _name=fn_name, **kwargs):
@@ -99,6 +99,10 @@ def test_layers_match_torch(launches, cls_name, args, kwargs, shape, dtype, fmt)
     oracle = float64_oracle(t) if dtype in (F16, BF16) else None
     run_steps(t, n, _steps(shape, dtype, fmt), oracle)
     assert launches["forward"] >= 5 and launches["backward"] >= 5
+    if "BatchNorm" in cls_name:  # running statistics move inside the statistics kernels
+        assert launches["update_running_stats"] == 0
+    elif kwargs.get("track_running_stats"):  # InstanceNorm: batch-averaged, a kernel of its own
+        assert launches["update_running_stats"] > 0
 
 
 def _normalize_case(kind):

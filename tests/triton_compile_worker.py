@@ -85,6 +85,10 @@ def record_launches() -> set:
                                                             var)
                         for need_dx in (True, False):
                             gpu_launch.backward(plan, xd, xd, weight, stats, coef, need_dx)
+                if len(given) > 1:  # BatchNorm: the running-statistics update in the kernels
+                    running = (torch.zeros(plan.items, dtype=pdtype),
+                               torch.ones(plan.items, dtype=pdtype), 0.1)
+                    gpu_launch.forward(plan, xd, w, w, 1e-5, None, None, running)
     for dtype in (torch.float32, torch.float16, torch.float64):
         buffers = torch.zeros(2, 3, dtype=dtype)
         stats = torch.zeros(2, 3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

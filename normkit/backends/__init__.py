@@ -1,8 +1,10 @@
 """The single dispatch point between normkit.functional and the compute backends.
 
-`normkit.functional` calls `backend_for(x).normalize(...)`, `.update_running_stats(...)` and
-`.batch_norm_act(...)`; a backend is a module exposing `name` and those three functions with
-the contracts of `normkit.backends.reference` (a backend hands calls
+`normkit.functional` calls `backend_for(x).normalize(...)` (which also moves BatchNorm's
+running statistics when asked, in the statistics kernels where a backend can),
+`.update_running_stats(...)` and `.batch_norm_act(...)`; a backend is a module exposing `name`
+and those three functions with the contracts of `normkit.backends.reference` (a backend hands
+calls
 it has no kernel for to the reference). Automatic choice: `cpu` (numba kernels; custom ops while
 torch.compile / torch.export trace) for CPU tensors when numba imports, `triton` (Triton kernels)
 for CUDA tensors when triton imports, else `reference`.

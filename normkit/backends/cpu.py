@@ -188,17 +188,21 @@ def normalize(
     mean: Tensor | None = None,
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`reference.normalize`, on the numba kernels when a plan covers the call."""
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
     if torch.compiler.is_compiling():
-        return _traced_normalize(plan, x, weight, bias, eps, mean, var)
-    if reference.needs_grad(x, weight, bias):
-        return _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
-    y, stats = _forward(plan, x, weight, bias, eps, mean, var)
-    return (y, *_stats_outputs(stats, mean, var))
+        out = _traced_normalize(plan, x, weight, bias, eps, mean, var)
+    elif reference.needs_grad(x, weight, bias):
+        out = _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
+    else:
+        y, stats = _forward(plan, x, weight, bias, eps, mean, var)
+        out = (y, *_stats_outputs(stats, mean, var))
+    reference.update_after(running, out[1], out[2], x.numel(), update_running_stats)
+    return out
 
 
 def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):

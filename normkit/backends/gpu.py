@@ -85,8 +85,8 @@ class _TritonNormalize(torch.autograd.Function):
     """`reference._Normalize`'s contract, computed by the Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape):
-        y, stats, coef = _launch().forward(plan, x, weight, bias, eps, mean, var)
+    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape, running):
+        y, stats, coef = _launch().forward(plan, x, weight, bias, eps, mean, var, running)
         ctx.save_for_backward(x, weight, bias, stats, coef)
         ctx.dims, ctx.eps, ctx.plan, ctx.shape = dims, eps, plan, shape
         mean_out, var_out = _stats_outputs(stats, mean, var)
@@ -104,7 +104,7 @@ class _TritonNormalize(torch.autograd.Function):
                                             coef, need_dx)
         dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
         db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx):
@@ -127,15 +127,34 @@ def normalize(
     mean: Tensor | None = None,
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`reference.normalize`, on the Triton kernels when a plan covers the call."""
+    """`reference.normalize`, on the Triton kernels when a plan covers the call; a BatchNorm
+    running-statistics update rides in the statistics kernels."""
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape)
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
+    fused = running if _fusable(running, plan, x) else None
     if reference.needs_grad(x, weight, bias):
-        return _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
-    y, stats, _ = _launch().forward(plan, x, weight, bias, eps, mean, var)
-    return (y, *_stats_outputs(stats, mean, var))
+        y, mean_out, var_out = _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps,
+                                                      plan, shape, fused)
+    else:
+        y, stats, _ = _launch().forward(plan, x, weight, bias, eps, mean, var, fused)
+        mean_out, var_out = _stats_outputs(stats, mean, var)
+    if fused is not None:
+        torch.autograd.graph.increment_version(fused[:2])
+    else:
+        reference.update_after(running, mean_out, var_out, x.numel(), update_running_stats)
+    return y, mean_out, var_out
+
+
+def _fusable(running, plan: Plan, x: Tensor) -> bool:
+    """True when the statistics kernels can update these running buffers: one entry per item,
+    dense, on x's device, outside autograd."""
+    if running is None or plan.kind not in ("mid", "cols") or plan.J != 1:
+        return False
+    return all(t.device == x.device and t.dim() == 1 and t.numel() == plan.items
+               and t.is_contiguous() and not t.requires_grad for t in running[:2])
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,

@@ -195,11 +195,15 @@ def merge_stats(
     w_ptr, b_ptr,  # (C,) or unused
     stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
     coef_ptr,  # (5, NSUB) acc dtype out: K, mean(x - K), rstd, rstd * w, b of each sub
+    running_mean_ptr, running_var_ptr,  # (ITEMS,) buffers updated in place (UPDATE only)
     ITEMS, K, NSUB, J, C, IPP, PSTRIDE, ISTRIDE, eps_hi, eps_lo,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+    momentum_hi, momentum_lo, correction_hi, correction_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
-    """Merge each item's K partials (its J subs x SPLITS splits) in a fixed order, then write
-    the coefficients of y = ((x - K) - mean(x - K)) * (rstd * w) + b for its subs."""
+    """Merge each item's K partials (its J subs x SPLITS splits) in a fixed order, update the
+    item's running statistics (BatchNorm: one item per channel), then write the coefficients
+    of y = ((x - K) - mean(x - K)) * (rstd * w) + b for its subs."""
     item = tl.program_id(0).to(tl.int64)
     acc = stats_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
@@ -219,6 +223,9 @@ def merge_stats(
     rstd = _rstd(var, eps_hi, eps_lo)
     shift = tl.load(x_ptr + _item_first(item, IPP, PSTRIDE, ISTRIDE)).to(acc)
     _store_item_stats(stats_ptr, item, ITEMS, shift, m, var, rstd)
+    if UPDATE:
+        _update_running(running_mean_ptr, running_var_ptr, item, shift + m, var, momentum_hi,
+                        momentum_lo, correction_hi, correction_lo, None)
     for j0 in range(0, J, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         jmask = j < J
@@ -385,12 +392,13 @@ def mid_fused_forward(
     w_ptr, b_ptr,  # (C,) or unused
     y_ptr,  # (A, NSUB, S) out
     stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
-    NSUB, J, C, S, A, eps_hi, eps_lo,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+    running_mean_ptr, running_var_ptr,  # (ITEMS,) buffers updated in place (UPDATE only)
+    NSUB, J, C, S, A, eps_hi, eps_lo, momentum_hi, momentum_lo, correction_hi, correction_lo,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     """One 'mid' item (A x J x S elements) held in registers: statistics of x - K
-    (two-pass, centred) and y, reading x once."""
+    (two-pass, centred), the running-statistics update (UPDATE) and y, reading x once."""
     item = tl.program_id(0)
     if INT64:
         item = item.to(tl.int64)
@@ -413,6 +421,9 @@ def mid_fused_forward(
         y = y + tl.load(b_ptr + sub % C, mask=jmask, other=0.0).to(acc)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     _store_item_stats(stats_ptr, item, items, shift, shifted_mean, var, rstd)
+    if UPDATE:
+        _update_running(running_mean_ptr, running_var_ptr, item, shift + shifted_mean, var,
+                        momentum_hi, momentum_lo, correction_hi, correction_lo, None)
 
 
 @triton.jit
@@ -560,24 +571,32 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _update_running(running_mean_ptr, running_var_ptr, idx, mean, var, momentum_hi, momentum_lo,
+                    correction_hi, correction_lo, mask):
+    """running.lerp_(batch, momentum) at idx, as torch computes lerp, in the buffers' dtype
+    (float32 arithmetic for 16-bit buffers); the variance enters unbiased
+    (times correction = count / (count - 1))."""
+    rm = tl.load(running_mean_ptr + idx, mask=mask)
+    rv = tl.load(running_var_ptr + idx, mask=mask)
+    acc = tl.float64 if rm.dtype == tl.float64 else tl.float32
+    momentum = tl.zeros_like(rm).to(acc) + momentum_hi + momentum_lo
+    correction = tl.zeros_like(rm).to(acc) + correction_hi + correction_lo
+    mean = mean.to(rm.dtype).to(acc)
+    var = (var.to(acc) * correction).to(rv.dtype).to(acc)
+    tl.store(running_mean_ptr + idx, _lerp(rm.to(acc), mean, momentum).to(rm.dtype), mask=mask)
+    tl.store(running_var_ptr + idx, _lerp(rv.to(acc), var, momentum).to(rv.dtype), mask=mask)
+
+
+@triton.jit
 def running_stats_update(
     running_mean_ptr, running_var_ptr,  # (C,) buffers, updated in place in their dtype
     mean_ptr, var_ptr,  # (C,) batch mean and biased variance
     C, momentum_hi, momentum_lo, correction_hi, correction_lo,
     BLOCK: tl.constexpr,
 ):
-    """running.lerp_(batch, momentum) as torch computes lerp; the variance enters unbiased
-    (times correction = count / (count - 1))."""
+    """The running-statistics update on its own (InstanceNorm's batch-averaged statistics)."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
-    rm = tl.load(running_mean_ptr + c, mask=mask, other=0.0)
-    rv = tl.load(running_var_ptr + c, mask=mask, other=0.0)
-    acc = tl.float64 if rm.dtype == tl.float64 else tl.float32
-    momentum = tl.zeros([BLOCK], acc) + momentum_hi + momentum_lo
-    correction = tl.zeros([BLOCK], acc) + correction_hi + correction_lo
-    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(rm.dtype).to(acc)
-    var = (tl.load(var_ptr + c, mask=mask, other=0.0).to(acc) * correction).to(rv.dtype).to(acc)
-    rm_new = _lerp(rm.to(acc), mean, momentum)
-    rv_new = _lerp(rv.to(acc), var, momentum)
-    tl.store(running_mean_ptr + c, rm_new.to(rm.dtype), mask=mask)
-    tl.store(running_var_ptr + c, rv_new.to(rv.dtype), mask=mask)
+    _update_running(running_mean_ptr, running_var_ptr, c, tl.load(mean_ptr + c, mask=mask),
+                    tl.load(var_ptr + c, mask=mask), momentum_hi, momentum_lo, correction_hi,
+                    correction_lo, mask)

@@ -175,12 +175,27 @@ def rows_supported(plan: Plan) -> bool:
     return plan.kind != "rows" or plan.J <= MAX_ROW
 
 
+def _running_args(running: tuple[Tensor, Tensor, float] | None, count: int,
+                  fallback: Tensor) -> tuple[list, list, bool]:
+    """Kernel arguments of the fused running-statistics update: the buffers, then momentum and
+    the unbiasing correction count / (count - 1) as float pairs; and whether to update."""
+    if running is None:
+        return [fallback, fallback], [0.0] * 4, False
+    running_mean, running_var, momentum = running
+    correction = count / (count - 1) if count > 1 else 1.0
+    return ([running_mean, running_var], [*_float_pair(momentum), *_float_pair(correction)],
+            True)
+
+
 def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-            mean: Tensor | None, var: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+            mean: Tensor | None, var: Tensor | None,
+            running: tuple[Tensor, Tensor, float] | None = None,
+            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, stats, coef): stats (5, items) = batch mean, biased var, rstd, shift K,
     mean(x - K) (None when mean / var were given); coef (5, nsub) = per-sub K, mean(x - K),
     rstd, scale, bias (None when one program per item normalized from registers: 'rows' and
-    small 'mid' items)."""
+    small 'mid' items). `running` = (running_mean, running_var, momentum): buffers with one
+    entry per item (BatchNorm), moved towards the batch statistics in the same kernels."""
     geo = geometry(plan)
     acc = accumulation_dtype(x.dtype)
     eps_pair = _float_pair(eps)
@@ -194,13 +209,14 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             x, w, b, y, stats, geo.items, geo.L, *eps_pair, **flags, BLOCK_L=block_l,
             INT64=geo.int64, num_warps=min(16, max(1, block_l // 256)))
         return y, stats, None
+    buffers, scalars, update = _running_args(running, geo.count, x)
     tile = _fused_tile(geo)
     if mean is None and tile is not None:
         stats = x.new_empty(5, geo.items, dtype=acc)
         k.mid_fused_forward[(geo.items,)](
-            x, w, b, y, stats, geo.nsub, geo.J, geo.C, geo.S, geo.A, *eps_pair, **flags,
-            BLOCK_A=tile[0], BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64,
-            num_warps=_fused_warps(tile))
+            x, w, b, y, stats, *buffers, geo.nsub, geo.J, geo.C, geo.S, geo.A, *eps_pair,
+            *scalars, **flags, UPDATE=update, BLOCK_A=tile[0], BLOCK_J=tile[1],
+            BLOCK_S=tile[2], INT64=geo.int64, num_warps=_fused_warps(tile))
         return y, stats, None
     coef = x.new_empty(5, geo.nsub, dtype=acc)
     stats = None
@@ -211,9 +227,9 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
         stats = x.new_empty(5, geo.items, dtype=acc)
         entries = geo.J * splits.count
         k.merge_stats[(geo.items,)](
-            part, x, w, b, stats, coef, geo.items, entries, geo.nsub, geo.J, geo.C, geo.ipp,
-            geo.pstride, geo.istride, *eps_pair, **flags, BLOCK=_pow2(entries, 1024),
-            BLOCK_J=_pow2(geo.J, 64))
+            part, x, w, b, stats, coef, *buffers, geo.items, entries, geo.nsub, geo.J, geo.C,
+            geo.ipp, geo.pstride, geo.istride, *eps_pair, *scalars, **flags, UPDATE=update,
+            BLOCK=_pow2(entries, 1024), BLOCK_J=_pow2(geo.J, 64))
     else:
         k.given_coefficients[(triton.cdiv(geo.nsub, 1024),)](
             mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C,

@@ -132,6 +132,7 @@ def normalize(
     mean: Tensor | None = None,
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
+    running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize dense `x` over `dims`; returns (y, mean, biased var), one statistic per
     normalized item, flattened (shape (items,), items in x's order).
@@ -139,7 +140,9 @@ def normalize(
     `weight`, `bias` and the optional given `mean` / `var` broadcast against `x` once viewed as
     `shape` (as they are when `shape` is None). Given statistics replace the batch statistics
     and are returned as passed. `y` has the dtype and the strides of `x`; the gradients of
-    weight and bias have their own shapes.
+    weight and bias have their own shapes. `running` = (running_mean, running_var, momentum),
+    one entry per item (BatchNorm training): the buffers move towards the batch statistics
+    as `update_running_stats` says.
     """
     if shape is not None:
         weight, bias, mean, var = (None if t is None else t.view(shape)
@@ -147,7 +150,15 @@ def normalize(
     y, batch_mean, batch_var = _Normalize.apply(x, weight, bias, mean, var, dims, eps)
     if mean is None:
         batch_mean, batch_var = batch_mean.reshape(-1), batch_var.reshape(-1)
+    update_after(running, batch_mean, batch_var, x.numel(), update_running_stats)
     return y, batch_mean, batch_var
+
+
+def update_after(running, mean: Tensor, var: Tensor, numel: int, update) -> None:
+    """Apply a backend's `update` for `normalize`'s `running` argument, if given."""
+    if running is not None:
+        running_mean, running_var, momentum = running
+        update(running_mean, running_var, mean, var, numel // mean.numel(), momentum)
 
 
 def update_running_stats(
