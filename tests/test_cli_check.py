@@ -33,3 +33,15 @@ def test_console_script_runs():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"{len(CASES)} of {len(CASES)} checks within tolerance" in result.stdout
+
+
+def test_check_with_a_forced_backend(capsys):
+    """`--backend triton` sends every layer through the Triton kernels (Triton's interpreter
+    on CPU tensors here); the table names the backend that ran."""
+    from normkit.cli.check import run_check
+
+    rows = run_check([torch.float32], backend="triton")
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert {r.backend for r in rows} == {"triton"}
+    assert main(["check", "--dtypes", "float64", "--backend", "reference"]) == 0
+    assert "reference" in capsys.readouterr().out

@@ -71,19 +71,19 @@ def _max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max())
 
 
-def check_case(case: Case, dtype: torch.dtype, steps: int = 3) -> CheckRow:
+def check_case(case: Case, dtype: torch.dtype, steps: int = 3, device: str = "cpu") -> CheckRow:
     """Run `case` in torch and normkit for `steps` train steps and one eval step."""
     torch.manual_seed(0)
     module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    reference = case.make(tnn).to(module_dtype)
-    ours = case.make(normkit).to(module_dtype)
+    reference = case.make(tnn).to(device, module_dtype)
+    ours = case.make(normkit).to(device, module_dtype)
     if not any(is_lazy(t) for t in list(reference.parameters()) + list(reference.buffers())):
         ours.load_state_dict(reference.state_dict())
     out_err = grad_err = state_err = 0.0
     backend = "?"
     for step in range(steps + 1):
         training = step < steps
-        x = (torch.randn(case.shape, dtype=torch.float64) * 2 + step).to(dtype)
+        x = (torch.randn(case.shape, dtype=torch.float64) * 2 + step).to(device, dtype)
         x = x.contiguous(memory_format=case.memory_format)
         backend = backend_for(x).name
         results = []
@@ -109,9 +109,11 @@ def check_case(case: Case, dtype: torch.dtype, steps: int = 3) -> CheckRow:
     )
 
 
-def run_check(dtypes: list[torch.dtype]) -> list[CheckRow]:
-    """Every case in every dtype."""
-    return [check_case(case, dtype) for dtype in dtypes for case in CASES]
+def run_check(dtypes: list[torch.dtype], device: str = "cpu",
+              backend: str | None = None) -> list[CheckRow]:
+    """Every case in every dtype, on `device`, with a forced normkit backend if given."""
+    with normkit.use_backend(backend):
+        return [check_case(case, dtype, device=device) for dtype in dtypes for case in CASES]
 
 
 def format_table(rows: list[CheckRow]) -> str:
@@ -129,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     print(f"normkit {normkit.__version__} vs torch {torch.__version__}: "
           "max |normkit - torch| over 3 train steps + 1 eval step, forward and backward")
-    rows = run_check(dtypes)
+    rows = run_check(dtypes, args.device, args.backend)
     print(format_table(rows))
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)} of {len(rows)} checks within tolerance")
@@ -140,4 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="compare every normkit layer with torch.nn and print errors")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64", "bfloat16"],
                    choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="e.g. cuda (the Triton backend)")
+    p.add_argument("--backend", choices=normkit.available_backends(),
+                   help="force a normkit backend (default: automatic)")
     p.set_defaults(run=_run)
