@@ -22,11 +22,11 @@ from numba import njit, prange
 from normkit.backends.cpu_kernels import (
     FASTMATH,
     _cols_affine_coefficients,
+    _cols_batch_stats,
     _cols_grad_coefficients,
-    _cols_merge_stats,
-    _cols_sums,
     _compile,
     _finish,
+    _given_stats,
 )
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -183,20 +183,9 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
     n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
     if given:
-        for c in range(n_c):
-            stats[0, c] = mean[c]
-            stats[1, c] = var[c]
-            stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        _given_stats(mean, var, eps, stats)
     else:
-        s1_part = np.zeros((n_blocks, n_c))
-        s2_part = np.zeros((n_blocks, n_c))
-        shift = np.empty(n_c)
-        for c in range(n_c):
-            shift[c] = x[0, c]
-        for blk in prange(n_blocks):
-            _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
-                       s1_part[blk], s2_part[blk], False)
-        _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
+        _cols_batch_stats(x, eps, stats, n_blocks)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)

@@ -109,6 +109,32 @@ def _cols_merge_stats(s1_part, s2_part, shift, count, eps, stats):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_batch_stats(x, eps, stats, n_blocks):
+    """Column statistics of x (rows, columns): shifted sums per block of rows (in parallel),
+    merged in block order."""
+    n_r, n_c = x.shape
+    per_block = (n_r + n_blocks - 1) // n_blocks
+    s1_part = np.zeros((n_blocks, n_c))
+    s2_part = np.zeros((n_blocks, n_c))
+    shift = np.empty(n_c)
+    for c in range(n_c):
+        shift[c] = x[0, c]
+    for blk in prange(n_blocks):
+        _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
+                   s1_part[blk], s2_part[blk], False)
+    _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _given_stats(mean, var, eps, stats):
+    """stats[:, c] = (mean[c], var[c], 1 / sqrt(var[c] + eps)) for given statistics."""
+    for c in range(mean.shape[0]):
+        stats[0, c] = mean[c]
+        stats[1, c] = var[c]
+        stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta):
     """alpha[c] = rstd[c] * w[c], beta[c] = b[c] - mean[c] * alpha[c]."""
     for c in range(alpha.shape[0]):
@@ -367,15 +393,7 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
     """Per column c over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
     n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
-    s1_part = np.zeros((n_blocks, n_c))
-    s2_part = np.zeros((n_blocks, n_c))
-    shift = np.empty(n_c)
-    for c in range(n_c):
-        shift[c] = x[0, c]
-    for blk in prange(n_blocks):
-        _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
-                   s1_part[blk], s2_part[blk], False)
-    _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
+    _cols_batch_stats(x, eps, stats, n_blocks)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
@@ -388,10 +406,7 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks):
     """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
     n_r, n_c = x.shape
-    for c in range(n_c):
-        stats[0, c] = mean[c]
-        stats[1, c] = var[c]
-        stats[2, c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+    _given_stats(mean, var, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
