@@ -126,6 +126,17 @@ def _cols_batch_stats(x, eps, stats, n_blocks):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_apply(x, alpha, beta, y, n_blocks):
+    """y[r, c] = x[r, c] * alpha[c] + beta[c], blocks of rows in parallel."""
+    n_r, n_c = x.shape
+    per_block = (n_r + n_blocks - 1) // n_blocks
+    for blk in prange(n_blocks):
+        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+            for c in range(n_c):
+                y[r, c] = x[r, c] * alpha[c] + beta[c]
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _given_stats(mean, var, eps, stats):
     """stats[:, c] = (mean[c], var[c], 1 / sqrt(var[c] + eps)) for given statistics."""
     for c in range(mean.shape[0]):
@@ -391,30 +402,22 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
 
 def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
     """Per column c over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
-    n_r, n_c = x.shape
-    per_block = (n_r + n_blocks - 1) // n_blocks
+    n_c = x.shape[1]
     _cols_batch_stats(x, eps, stats, n_blocks)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    for blk in prange(n_blocks):
-        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            for c in range(n_c):
-                y[r, c] = x[r, c] * alpha[c] + beta[c]
+    _cols_apply(x, alpha, beta, y, n_blocks)
 
 
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks):
     """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
-    n_r, n_c = x.shape
+    n_c = x.shape[1]
     _given_stats(mean, var, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    per_block = (n_r + n_blocks - 1) // n_blocks
-    for blk in prange(n_blocks):
-        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            for c in range(n_c):
-                y[r, c] = x[r, c] * alpha[c] + beta[c]
+    _cols_apply(x, alpha, beta, y, n_blocks)
 
 
 def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks):
