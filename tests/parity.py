@@ -140,7 +140,7 @@ def run_steps(
             xs[-1] = x.detach().double().requires_grad_()
         outs = [m(xi) for m, xi in zip(mods, xs)]
         gen = torch.Generator().manual_seed(1000 + step)
-        dy = torch.randn(outs[0].shape, generator=gen).to(outs[0].dtype)
+        dy = torch.randn(outs[0].shape, generator=gen).to(outs[0].device, outs[0].dtype)
         for out, xi in zip(outs, xs):
             if out.requires_grad:
                 out.backward(dy.to(out.dtype))
