@@ -199,20 +199,21 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
 def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
     """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean)).
 
-    Purely elementwise: per-(m, j) coefficients first, then each thread walks a contiguous
-    range of the (a, m, j) rows (a per-row loop of short rows costs a third more at 7x7)."""
+    Purely elementwise, y = (x - mean) * alpha + b in x's dtype (as torch computes eval batch
+    norm; x - mean keeps the precision of data near a large mean): per-(m, j) coefficients
+    first, then each thread walks a contiguous range of the (a, m, j) rows."""
     n_a, n_m, n_j, n_s = x.shape
     n_w = w.shape[0]
     n_stat = mean.shape[0]
-    alpha = np.empty((n_m, n_j))
-    beta = np.empty((n_m, n_j))
+    coef = np.empty((3, n_m, n_j), dtype=x.dtype)  # mean, alpha = rstd * w, b
     for m in range(n_m):
         stats[0, m] = mean[m % n_stat]
         stats[1, m] = var[m % n_stat]
         stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
         for j in range(n_j):
-            alpha[m, j] = stats[2, m] * w[m % n_w, j] if has_w else stats[2, m]
-            beta[m, j] = (b[m % n_w, j] if has_b else 0.0) - stats[0, m] * alpha[m, j]
+            coef[0, m, j] = stats[0, m]
+            coef[1, m, j] = stats[2, m] * w[m % n_w, j] if has_w else stats[2, m]
+            coef[2, m, j] = b[m % n_w, j] if has_b else 0.0
     rows = n_a * n_m * n_j
     xr = x.reshape(rows, n_s)
     yr = y.reshape(rows, n_s)
@@ -221,10 +222,11 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
         for r in range(blk * per_block, min(rows, (blk + 1) * per_block)):
             m = (r // n_j) % n_m
             j = r % n_j
-            al = alpha[m, j]
-            be = beta[m, j]
+            mu = coef[0, m, j]
+            al = coef[1, m, j]
+            be = coef[2, m, j]
             for s in range(n_s):
-                yr[r, s] = xr[r, s] * al + be
+                yr[r, s] = (xr[r, s] - mu) * al + be
 
 
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats):
