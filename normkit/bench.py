@@ -5,6 +5,12 @@ write y, read dy, read x, write dx); fused BN+add+ReLU forward+backward 7x (read
 residual, write y; read dy and x, write dx and the residual's grad). Each row also gives the
 % of a copy bandwidth measured in the same run (bytes read + written by `dst.copy_(src)` on
 a 256 MiB buffer). Before timing, normkit's result is checked against torch's once.
+
+On CUDA each repetition is timed with device events around one call per input set, the sets
+rotating so that their bytes exceed the L2 cache (`GPU_ROTATION_BYTES`): the numbers are
+device throughput from memory, not from cache, with the host's launches overlapped as in a
+training loop. Input grads are reset to None before each call, so no time goes to
+accumulating them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ RESNET50_SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32
 GPU_BATCH = 256  # CUDA runs add the ResNet-50 stage shapes at this batch size
 SMALL_SHAPE = (8, 32, 8, 8)
 LN_SHAPE = (8192, 1024)
+GPU_ROTATION_BYTES = 256 << 20  # CUDA inputs rotate over sets this large in all (> L2)
+MAX_INPUT_SETS = 16
 
 
 @dataclass(frozen=True)
@@ -92,17 +100,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
+def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 2,
+                calls: int = 1) -> float:
+    """Median seconds of one fn() call. On CUDA each repetition is `calls` back-to-back calls
+    between device events; elsewhere each call is timed by the host clock."""
+    for _ in range(max(warmup, calls)):
         fn()
     _sync(device)
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start_s)
     return statistics.median(times)
 
 
@@ -124,68 +143,87 @@ def shapes_for(op: Op, quick: bool, device: str = "cpu") -> list[tuple[int, ...]
     return [*RESNET50_SHAPES, *large, SMALL_SHAPE]
 
 
-def _runner(module: tnn.Module, x: torch.Tensor, dy: torch.Tensor, passes: str,
-            residual: torch.Tensor | None = None):
-    extra = () if residual is None else (residual.detach().clone().requires_grad_(),)
-    if passes == "fwd":
-        def run():
-            with torch.no_grad():
-                return module(x, *extra)
-        return run
-    xg = x.detach().clone().requires_grad_()
-
-    def run_fwdbwd():
-        out = module(xg, *extra)
-        out.backward(dy)
-        return out
-    return run_fwdbwd
-
-
 @dataclass(frozen=True)
 class Inputs:
-    x: torch.Tensor
-    dy: torch.Tensor
-    residual: torch.Tensor | None
+    """The input sets of one benchmark case (one set on CPU; on CUDA enough to exceed L2)."""
+
+    xs: tuple[torch.Tensor, ...]
+    dys: tuple[torch.Tensor, ...]
+    residuals: tuple[torch.Tensor | None, ...]
     channels: int
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.xs[0]
+
+
+def _runner(module: tnn.Module, inputs: Inputs, passes: str):
+    """A call of module on the next input set (forward, or forward and backward)."""
+    sets = len(inputs.xs)
+    xgs = [x.detach().clone().requires_grad_(passes != "fwd") for x in inputs.xs]
+    extras = [() if r is None else (r.detach().clone().requires_grad_(passes != "fwd"),)
+              for r in inputs.residuals]
+    step = iter(range(1 << 62))
+
+    def run():
+        i = next(step) % sets
+        if passes == "fwd":
+            with torch.no_grad():
+                return module(xgs[i], *extras[i])
+        xgs[i].grad = None
+        for r in extras[i]:
+            r.grad = None
+        out = module(xgs[i], *extras[i])
+        out.backward(inputs.dys[i])
+        return out
+    return run
 
 
 def make_inputs(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str,
                 device: str) -> Inputs:
-    """Seeded input, output grad (and residual) of one benchmark case."""
+    """Seeded inputs, output grads (and residuals) of one benchmark case."""
     gen = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x, dy = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-             .contiguous(memory_format=fmt) for _ in range(2))
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    sets = 1
+    if device.startswith("cuda"):
+        sets = max(1, min(MAX_INPUT_SETS, -(-GPU_ROTATION_BYTES // max(1, nbytes))))
+
+    def draw() -> torch.Tensor:
+        return (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+                .contiguous(memory_format=fmt))
+    xs = tuple(draw() for _ in range(sets))
+    dys = tuple(draw() for _ in range(sets))
+    residuals = tuple(draw() if op.layer == "BatchNormAddReLU" else None for _ in range(sets))
     channels = shape[-1] if op.layer == "LayerNorm" else shape[1]
-    residual = torch.randn_like(x) if op.layer == "BatchNormAddReLU" else None
-    return Inputs(x, dy, residual, channels)
+    return Inputs(xs, dys, residuals, channels)
 
 
 def time_normkit(op: Op, inputs: Inputs, device: str, reps: int) -> float:
     """Median seconds of normkit's layer on one case."""
     module = op.build(normkit, inputs.channels).to(device).train(op.train)
-    return median_time(_runner(module, inputs.x, inputs.dy, op.passes, inputs.residual), device,
-                       reps)
+    return median_time(_runner(module, inputs, op.passes), device, reps,
+                       calls=len(inputs.xs))
 
 
 def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str,
               reps: int, with_compile: bool, copy_gbps: float) -> Row:
     """Time torch and normkit (and torch.compile) on one op, shape, dtype and layout."""
     inputs = make_inputs(op, shape, dtype, layout, device)
-    x, dy, residual, channels = inputs.x, inputs.dy, inputs.residual, inputs.channels
+    x, channels, calls = inputs.x, inputs.channels, len(inputs.xs)
     modules = {lib: op.build(lib, channels).to(device).train(op.train) for lib in (tnn, normkit)}
-    results = [_runner(modules[lib], x, dy, op.passes, residual)() for lib in (tnn, normkit)]
+    results = [_runner(modules[lib], inputs, op.passes)() for lib in (tnn, normkit)]
     err = float((results[0].detach().double() - results[1].detach().double()).abs().max())
     tolerance = 1e-3 if dtype == torch.float32 else 0.1
     if not err <= tolerance:
         raise AssertionError(f"{op.name} {shape}: normkit differs from torch by {err}")
-    t_torch = median_time(_runner(modules[tnn], x, dy, op.passes, residual), device, reps)
-    t_nk = median_time(_runner(modules[normkit], x, dy, op.passes, residual), device, reps)
+    t_torch = median_time(_runner(modules[tnn], inputs, op.passes), device, reps, calls=calls)
+    t_nk = median_time(_runner(modules[normkit], inputs, op.passes), device, reps, calls=calls)
     t_compile = None
     if with_compile:
         compiled = torch.compile(op.build(tnn, channels).to(device).train(op.train))
-        t_compile = median_time(_runner(compiled, x, dy, op.passes, residual), device, reps,
-                                warmup=3)
+        t_compile = median_time(_runner(compiled, inputs, op.passes), device, reps, warmup=3,
+                                calls=calls)
     ideal = op.ideal_factor * x.numel() * x.element_size()
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,

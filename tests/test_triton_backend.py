@@ -8,6 +8,7 @@ the backend, and the `launches` fixture proves the kernels ran instead of a sile
 from __future__ import annotations
 
 import collections
+import inspect
 
 import pytest
 import torch
@@ -93,7 +94,11 @@ LAYER_CASES = [  # (class, constructor args, constructor kwargs, input shape, dt
 @pytest.mark.parametrize("cls_name,args,kwargs,shape,dtype,fmt", LAYER_CASES,
                          ids=lambda v: str(v).replace(" ", ""))
 def test_layers_match_torch(launches, cls_name, args, kwargs, shape, dtype, fmt):
+    if "bias" in kwargs and "bias" not in inspect.signature(getattr(torch.nn, cls_name)).parameters:
+        pytest.skip(f"torch {torch.__version__}'s {cls_name} takes no bias argument")
     module_dtype = F64 if dtype == F64 else F32
+    if DEVICE == "cuda" and dtype in (F16, BF16) and cls_name in ("GroupNorm", "LayerNorm"):
+        module_dtype = dtype  # torch's CUDA kernels want these parameters in the input's dtype
     t, n = make_pair(cls_name, *args, dtype=module_dtype, **kwargs)
     t, n = t.to(DEVICE), n.to(DEVICE)
     oracle = float64_oracle(t) if dtype in (F16, BF16) else None
@@ -123,21 +128,21 @@ def _normalize_case(kind):
 
 
 KINDS = ["mid", "cols", "mid-grouped", "nsc", "rows"]
-# (plan family, path): small 'mid' items are normalized by one program from registers
-# ("fused"); FUSED_MAX = 0 sends them through the split reductions instead.
-PATHS = [("mid", "fused"), ("mid", "split"), ("cols", "split"), ("mid-grouped", "fused"),
-         ("mid-grouped", "split"), ("nsc", "split"), ("rows", "fused")]
+# (plan family, path): small 'mid' items are normalized whole by one program each ("item");
+# ITEM_MAX_BYTES = 0 sends them through the split reductions instead.
+PATHS = [("mid", "item"), ("mid", "split"), ("cols", "split"), ("mid-grouped", "item"),
+         ("mid-grouped", "split"), ("nsc", "split"), ("rows", "item")]
 
 
 def _case_on_path(monkeypatch, kind, path):
     """_normalize_case(kind), with the launch path forced and checked."""
     if path == "split":
-        monkeypatch.setattr(gpu_launch, "FUSED_MAX", 0)
+        monkeypatch.setattr(gpu_launch, "ITEM_MAX_BYTES", 0)
     case = _normalize_case(kind)
     x, dims, shape = case[0], case[3], case[4] or tuple(case[0].shape[-1:])
     plan = plan_for(x, dims, (1,) * (x.dim() - len(shape)) + tuple(shape))
-    fused = gpu_launch._fused_tile(gpu_launch.geometry(plan)) is not None
-    assert fused == (path == "fused" and kind != "rows"), (kind, path)
+    whole = gpu_launch._item_tile(gpu_launch.geometry(plan), x.element_size()) is not None
+    assert whole == (path == "item" and kind != "rows"), (kind, path)
     return case
 
 
@@ -171,7 +176,7 @@ def _against_reference(x, weight, bias, dims, shape, mean=None, var=None, tol=1e
 @pytest.mark.parametrize("kind", KINDS)
 def test_split_reductions_merge_exactly(monkeypatch, kind):
     """Tiny split sizes force many (sub, split) partials, merges and row programs."""
-    monkeypatch.setattr(gpu_launch, "FUSED_MAX", 0)
+    monkeypatch.setattr(gpu_launch, "ITEM_MAX_BYTES", 0)
     monkeypatch.setattr(gpu_launch, "SPLIT_ELEMENTS", 8)
     monkeypatch.setattr(gpu_launch, "REDUCE_BLOCK", 8)
     monkeypatch.setattr(gpu_launch, "COLS_TILE", 8)
@@ -181,6 +186,25 @@ def test_split_reductions_merge_exactly(monkeypatch, kind):
         param_shape = (1,) * (x.dim() - len(shape)) + shape
         geo = gpu_launch.geometry(plan_for(x, dims, param_shape))
         assert gpu_launch._splits(geo).count > 1
+    _against_reference(x, weight, bias, dims, shape)
+
+
+@pytest.mark.parametrize("kind", ["mid", "mid-grouped"])
+@pytest.mark.parametrize("programs", ["one", "some"])
+def test_whole_item_kernels_loop_over_blocks_and_items(monkeypatch, kind, programs):
+    """mid_item_* with blocks smaller than an item (loops over a, j and s) and fewer programs
+    than items (each program takes several items, in a grid-stride loop)."""
+    monkeypatch.setattr(gpu_launch, "ITEM_TILE", 4)
+    x, weight, bias, dims, shape = _normalize_case(kind)
+    param_shape = (1,) * (x.dim() - len(shape)) + shape
+    geo = gpu_launch.geometry(plan_for(x, dims, param_shape))
+    item_bytes = geo.count * x.element_size()
+    monkeypatch.setattr(gpu_launch, "ITEM_L2_BYTES", item_bytes if programs == "one" else
+                        2 * item_bytes)
+    tile = gpu_launch._item_tile(geo, x.element_size())
+    assert tile is not None and tile[0] * tile[1] * tile[2] <= 4
+    assert gpu_launch._item_programs(geo, x.element_size()) == (1 if programs == "one" else 2)
+    assert geo.items > 2
     _against_reference(x, weight, bias, dims, shape)
 
 
@@ -295,7 +319,7 @@ def test_torch_compile_traces_through_the_reference_path(launches):
 def test_block_loops_over_many_subs_and_splits(monkeypatch, case):
     """Items of more than 64 subs and subs of more than 64 splits make the coefficient
     kernels loop over their BLOCK_J / BLOCK_S tiles."""
-    for name, value in (("FUSED_MAX", 0), ("SPLIT_ELEMENTS", 2), ("REDUCE_BLOCK", 2),
+    for name, value in (("ITEM_MAX_BYTES", 0), ("SPLIT_ELEMENTS", 2), ("REDUCE_BLOCK", 2),
                         ("COLS_TILE", 4)):
         monkeypatch.setattr(gpu_launch, name, value)
     gen = torch.Generator().manual_seed(11)

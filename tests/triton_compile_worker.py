@@ -65,9 +65,9 @@ def record_launches() -> set:
         obj = getattr(gpu_kernels, name)
         if isinstance(obj, triton.runtime.jit.JITFunction) and not name.startswith("_"):
             setattr(gpu_kernels, name, Recorder(obj, launches))
-    for int64, fused_max in ((False, 16384), (True, 16384), (False, 0), (True, 0)):
+    for int64, item_max in ((False, 1 << 20), (True, 1 << 20), (False, 0), (True, 0)):
         gpu_launch.INT32_LIMIT = 0 if int64 else 2**31 - 1
-        gpu_launch.FUSED_MAX = fused_max
+        gpu_launch.ITEM_MAX_BYTES = item_max
         for x, dims, shape in _cases():
             for dtype in TYPES:
                 xd = x.to(dtype)

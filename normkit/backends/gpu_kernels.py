@@ -7,8 +7,9 @@ channel and one statistics item (`gpu_launch.Geometry` says how a plan maps onto
 Item = sub // J (J subs per item), weight channel = sub % C.
   - 'rows' memory (M, L): LayerNorm, one item per row, weight per column.
 
-Launches: a small 'mid' item is normalized by one program from registers (mid_fused_*: x read
-once forward, x and dy once backward). Otherwise the forward is partials -> merge (+ per-sub
+Launches: a 'mid' item of at most `gpu_launch.ITEM_MAX_BYTES` is normalized whole by one program
+(mid_item_*): two passes over the item, the second served from L2 because few items are in
+flight at once, so memory sees x read once forward and x, dy once backward. Otherwise the forward is partials -> merge (+ per-sub
 coefficients) -> elementwise apply, and the backward partials -> coefficients -> apply, with a
 fixed-order column sum for dweight / dbias when several subs share a channel.
 
@@ -343,8 +344,9 @@ def apply_coefficients(
     HAS_DY: tl.constexpr, BLOCK: tl.constexpr, INT64: tl.constexpr,
 ):
     """Elementwise pass of forward (y) and backward (dx); element e belongs to sub
-    (e // D1) % M1 + (e // D2) * K2."""
-    pid = tl.program_id(0)
+    (e // D1) % M1 + (e // D2) * K2. Programs walk memory from its end: the partials kernels
+    before this one read the end last, so that part is still in L2."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     e = pid * BLOCK + tl.arange(0, BLOCK)
@@ -374,98 +376,143 @@ def _store_item_stats(stats_ptr, item, items, shift, shifted_mean, var, rstd):
 
 
 @triton.jit
-def _item_tile(NSUB, J, S, A, item, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
-               BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    """Offsets (A, J, S) and mask of one 'mid' item's elements, its subs (1, J, 1)."""
-    a = tl.arange(0, BLOCK_A)[:, None, None]
-    j = tl.arange(0, BLOCK_J)[None, :, None]
-    s = tl.arange(0, BLOCK_S)[None, None, :]
-    if INT64:
-        a = a.to(tl.int64)
-    sub = item * J + j
-    return a * NSUB * S + sub * S + s, (a < A) & (j < J) & (s < S), sub
+def _item_block(item, a0, j0, s0, NSUB, J, S, A, BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """Offsets and mask of one (BLOCK_A, BLOCK_J, BLOCK_S) block of a 'mid' item's elements,
+    starting at (a0, j0, s0)."""
+    a = a0 + tl.arange(0, BLOCK_A)[:, None, None]
+    j = j0 + tl.arange(0, BLOCK_J)[None, :, None]
+    s = s0 + tl.arange(0, BLOCK_S)[None, None, :]
+    return a * NSUB * S + (item * J + j) * S + s, (a < A) & (j < J) & (s < S)
 
 
 @triton.jit
-def mid_fused_forward(
+def _sub_params(w_ptr, b_ptr, item, j0, J, C, acc, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """Weight and bias (1, BLOCK_J, 1) of the subs j0.. of an item (1 and 0 when absent)."""
+    j = j0 + tl.arange(0, BLOCK_J)
+    chan = (item * J + j) % C
+    w = tl.full([BLOCK_J], 1.0, acc)
+    if HAS_W:
+        w = tl.load(w_ptr + chan, mask=j < J, other=0.0).to(acc)
+    b = tl.zeros([BLOCK_J], acc)
+    if HAS_B:
+        b = tl.load(b_ptr + chan, mask=j < J, other=0.0).to(acc)
+    return w[None, :, None], b[None, :, None]
+
+
+@triton.jit
+def mid_item_forward(
     x_ptr,  # (A, NSUB, S) input
     w_ptr, b_ptr,  # (C,) or unused
     y_ptr,  # (A, NSUB, S) out
     stats_ptr,  # (5, ITEMS) acc dtype out: mean, biased var, rstd, K, mean(x - K)
     running_mean_ptr, running_var_ptr,  # (ITEMS,) buffers updated in place (UPDATE only)
-    NSUB, J, C, S, A, eps_hi, eps_lo, momentum_hi, momentum_lo, correction_hi, correction_lo,
+    ITEMS, NSUB, J, C, S, A, eps_hi, eps_lo, momentum_hi, momentum_lo, correction_hi,
+    correction_lo,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One 'mid' item (A x J x S elements) held in registers: statistics of x - K
-    (two-pass, centred), the running-statistics update (UPDATE) and y, reading x once."""
-    item = tl.program_id(0)
-    if INT64:
-        item = item.to(tl.int64)
-    items = tl.num_programs(0)
+    """Whole 'mid' items (A x J x S elements each), items pid, pid + programs, ...: pass 1
+    reads the item (statistics of x - K: each block's centred sums, merged by Chan's formula;
+    a block is never empty), pass 2 reads it again, from L2 while few enough items
+    are in flight, and writes y; then the running-statistics update (UPDATE)."""
     acc = stats_ptr.dtype.element_ty
-    offs, mask, sub = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
-    shift = tl.load(x_ptr + item * J * S).to(acc)
-    count = A * J * S
-    xs = tl.where(mask, x - shift, 0.0)
-    shifted_mean = tl.sum(xs, axis=None) / count
-    xc = tl.where(mask, xs - shifted_mean, 0.0)
-    var = tl.sum(xc * xc, axis=None) / count
-    rstd = _rstd(var, eps_hi, eps_lo)
-    y = xc * rstd
-    jmask = (tl.arange(0, BLOCK_J) < J)[None, :, None]
-    if HAS_W:
-        y = y * tl.load(w_ptr + sub % C, mask=jmask, other=0.0).to(acc)
-    if HAS_B:
-        y = y + tl.load(b_ptr + sub % C, mask=jmask, other=0.0).to(acc)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    _store_item_stats(stats_ptr, item, items, shift, shifted_mean, var, rstd)
-    if UPDATE:
-        _update_running(running_mean_ptr, running_var_ptr, item, shift + shifted_mean, var,
-                        momentum_hi, momentum_lo, correction_hi, correction_lo, None)
+    first = tl.program_id(0)
+    if INT64:
+        first = first.to(tl.int64)
+    for item in range(first, ITEMS, tl.num_programs(0)):
+        shift = tl.load(x_ptr + item * J * S).to(acc)
+        n = tl.sum(tl.zeros([BLOCK_S], acc), 0)
+        shifted_mean = n
+        q = n
+        for j0 in range(0, J, BLOCK_J):
+            for a0 in range(0, A, BLOCK_A):
+                for s0 in range(0, S, BLOCK_S):
+                    offs, mask = _item_block(item, a0, j0, s0, NSUB, J, S, A, BLOCK_A, BLOCK_J,
+                                             BLOCK_S)
+                    xs = tl.where(mask, tl.load(x_ptr + offs, mask=mask).to(acc) - shift, 0.0)
+                    block_n = tl.sum(tl.where(mask, 1.0, 0.0).to(acc), axis=None)
+                    block_mean = tl.sum(xs, axis=None) / block_n
+                    centred = tl.where(mask, xs - block_mean, 0.0)
+                    n, shifted_mean, q = _chan(n, shifted_mean, q, block_n, block_mean,
+                                               tl.sum(centred * centred, axis=None))
+        var = q / n
+        rstd = _rstd(var, eps_hi, eps_lo)
+        for j0 in range(0, J, BLOCK_J):
+            w, b = _sub_params(w_ptr, b_ptr, item, j0, J, C, acc, HAS_W, HAS_B, BLOCK_J)
+            scale = rstd * w
+            for a0 in range(0, A, BLOCK_A):
+                for s0 in range(0, S, BLOCK_S):
+                    offs, mask = _item_block(item, a0, j0, s0, NSUB, J, S, A, BLOCK_A, BLOCK_J,
+                                             BLOCK_S)
+                    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+                    y = ((x - shift) - shifted_mean) * scale + b
+                    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_item_stats(stats_ptr, item, ITEMS, shift, shifted_mean, var, rstd)
+        if UPDATE:
+            _update_running(running_mean_ptr, running_var_ptr, item, shift + shifted_mean, var,
+                            momentum_hi, momentum_lo, correction_hi, correction_lo, None)
 
 
 @triton.jit
-def mid_fused_backward(
+def mid_item_backward(
     x_ptr, dy_ptr,  # (A, NSUB, S)
     w_ptr,  # (C,) or unused
-    stats_ptr,  # (5, ITEMS) acc dtype, from mid_fused_forward
+    stats_ptr,  # (5, ITEMS) acc dtype, from mid_item_forward
     dx_ptr,  # (A, NSUB, S) out (NEED_DX only)
     sums_ptr,  # (2, NSUB) acc dtype out: dweight, dbias contribution of each sub
-    NSUB, J, C, S, A,
+    ITEMS, NSUB, J, C, S, A,
     HAS_W: tl.constexpr, NEED_DX: tl.constexpr, BLOCK_A: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Backward of mid_fused_forward, one item in registers, reading x and dy once:
+    """Backward of mid_item_forward, item by item: pass 1 reads x and dy (per-sub sums of dy
+    and dy * xhat), pass 2 reads them again and writes
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = w * dy."""
-    item = tl.program_id(0)
-    if INT64:
-        item = item.to(tl.int64)
-    items = tl.num_programs(0)
     acc = sums_ptr.dtype.element_ty
-    offs, mask, _ = _item_tile(NSUB, J, S, A, item, BLOCK_A, BLOCK_J, BLOCK_S, INT64)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
-    rstd = tl.load(stats_ptr + 2 * items + item)
-    xc = (x - tl.load(stats_ptr + 3 * items + item)) - tl.load(stats_ptr + 4 * items + item)
-    xhat = tl.where(mask, xc * rstd, 0.0)
-    dyx = tl.sum(tl.sum(dy * xhat, 2), 0)  # (BLOCK_J,) per sub
-    dys = tl.sum(tl.sum(dy, 2), 0)
-    j = tl.arange(0, BLOCK_J)
-    subs = item * J + j
-    tl.store(sums_ptr + subs, dyx, mask=j < J)
-    tl.store(sums_ptr + NSUB + subs, dys, mask=j < J)
-    if NEED_DX:
-        w = tl.full([BLOCK_J], 1.0, acc)
-        if HAS_W:
-            w = tl.load(w_ptr + subs % C, mask=j < J, other=0.0).to(acc)
-        count = A * J * S
-        g_mean = tl.sum(w * dys, 0) / count
-        gx_mean = tl.sum(w * dyx, 0) / count
-        g = dy * w[None, :, None]
-        dx = (g - g_mean - xhat * gx_mean) * rstd
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    first = tl.program_id(0)
+    if INT64:
+        first = first.to(tl.int64)
+    for item in range(first, ITEMS, tl.num_programs(0)):
+        mean_ = tl.load(stats_ptr + 4 * ITEMS + item)
+        rstd = tl.load(stats_ptr + 2 * ITEMS + item)
+        shift = tl.load(stats_ptr + 3 * ITEMS + item)
+        g_sum = tl.sum(tl.zeros([BLOCK_J], acc), 0)
+        gx_sum = tl.sum(tl.zeros([BLOCK_J], acc), 0)
+        for j0 in range(0, J, BLOCK_J):
+            dys = tl.zeros([BLOCK_A, BLOCK_J, BLOCK_S], acc)
+            dyx = tl.zeros([BLOCK_A, BLOCK_J, BLOCK_S], acc)
+            for a0 in range(0, A, BLOCK_A):
+                for s0 in range(0, S, BLOCK_S):
+                    offs, mask = _item_block(item, a0, j0, s0, NSUB, J, S, A, BLOCK_A, BLOCK_J,
+                                             BLOCK_S)
+                    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+                    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
+                    dys += dy
+                    dyx += dy * tl.where(mask, ((x - shift) - mean_) * rstd, 0.0)
+            dys_j = tl.sum(tl.sum(dys, 2), 0)
+            dyx_j = tl.sum(tl.sum(dyx, 2), 0)
+            j = j0 + tl.arange(0, BLOCK_J)
+            tl.store(sums_ptr + item * J + j, dyx_j, mask=j < J)
+            tl.store(sums_ptr + NSUB + item * J + j, dys_j, mask=j < J)
+            w, _ = _sub_params(w_ptr, w_ptr, item, j0, J, C, acc, HAS_W, False, BLOCK_J)
+            g_sum += tl.sum(tl.reshape(w, [BLOCK_J]) * dys_j, 0)
+            gx_sum += tl.sum(tl.reshape(w, [BLOCK_J]) * dyx_j, 0)
+        if NEED_DX:
+            count = A * J * S
+            g_mean = g_sum / count
+            gx_mean = gx_sum / count
+            for j0 in range(0, J, BLOCK_J):
+                w, _ = _sub_params(w_ptr, w_ptr, item, j0, J, C, acc, HAS_W, False, BLOCK_J)
+                for a0 in range(0, A, BLOCK_A):
+                    for s0 in range(0, S, BLOCK_S):
+                        offs, mask = _item_block(item, a0, j0, s0, NSUB, J, S, A, BLOCK_A,
+                                                 BLOCK_J, BLOCK_S)
+                        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+                        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc)
+                        xhat = ((x - shift) - mean_) * rstd
+                        dx = (w * dy - g_mean - xhat * gx_mean) * rstd
+                        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

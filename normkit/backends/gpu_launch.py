@@ -9,12 +9,10 @@ machine. The tuning knobs are the module constants.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import triton
 from torch import Tensor
 
 from normkit.backends import gpu_kernels as k
@@ -28,7 +26,10 @@ APPLY_WARPS = 8
 COLS_TILE = 2048  # elements of one cols_partials tile
 ROWS_PROGRAMS = 1024  # most programs sharing one LayerNorm backward's dweight / dbias
 MAX_ROW = 16384  # longest LayerNorm row held in registers
-FUSED_MAX = 16384  # largest (padded) 'mid' item normalized by one program from registers
+ITEM_MAX_BYTES = 256 << 10  # largest 'mid' item normalized whole by one program (mid_item_*)
+ITEM_L2_BYTES = 32 << 20  # bytes of items in flight at once in mid_item_*: they must stay in L2
+ITEM_TILE = 4096  # elements of one mid_item_* block
+ITEM_WARPS = 8
 INT32_LIMIT = 2**31 - 1
 
 
@@ -85,8 +86,14 @@ def geometry(plan: Plan) -> Geometry:
                     m1=L, d2=Q * L, k2=L, ipp=L // J, pstride=Q * L, istride=J)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), cap)
+    """The smallest power of two >= n (and >= 1), at most cap. Plain Python: triton's own
+    helpers are compile-time functions whose host-side call costs microseconds."""
+    return min(1 << (max(n, 1) - 1).bit_length(), cap)
 
 
 def _float_pair(value: float) -> tuple[float, float]:
@@ -109,14 +116,14 @@ class _Splits:
 
 def _splits(geo: Geometry) -> _Splits:
     if geo.family == "mid":
-        chunk = max(SPLIT_ELEMENTS, triton.cdiv(geo.span, MAX_SPLITS))
-        chunk = triton.cdiv(chunk, REDUCE_BLOCK) * REDUCE_BLOCK
-        return _Splits(triton.cdiv(geo.span, chunk), chunk)
+        chunk = max(SPLIT_ELEMENTS, _cdiv(geo.span, MAX_SPLITS))
+        chunk = _cdiv(chunk, REDUCE_BLOCK) * REDUCE_BLOCK
+        return _Splits(_cdiv(geo.span, chunk), chunk)
     block_l = _pow2(geo.L, 64)
     block_q = max(1, COLS_TILE // block_l)
-    chunk = max(triton.cdiv(SPLIT_ELEMENTS, block_l), triton.cdiv(geo.Q, MAX_SPLITS))
-    chunk = triton.cdiv(chunk, block_q) * block_q
-    return _Splits(triton.cdiv(geo.Q, chunk), chunk, block_q, block_l)
+    chunk = max(_cdiv(SPLIT_ELEMENTS, block_l), _cdiv(geo.Q, MAX_SPLITS))
+    chunk = _cdiv(chunk, block_q) * block_q
+    return _Splits(_cdiv(geo.Q, chunk), chunk, block_q, block_l)
 
 
 def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
@@ -132,7 +139,7 @@ def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
             x, dy, coef, part, geo.nsub, geo.J, geo.S, geo.span, splits.chunk, splits.count,
             *firsts, BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
     else:
-        grid = (geo.P, triton.cdiv(geo.L, splits.block_l), splits.count)
+        grid = (geo.P, _cdiv(geo.L, splits.block_l), splits.count)
         k.cols_partials[grid](
             x, dy, coef, part, geo.Q, geo.L, geo.nsub, geo.J, splits.chunk, splits.count,
             *firsts, BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
@@ -140,7 +147,7 @@ def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
 
 
 def _apply(geo: Geometry, x: Tensor, dy: Tensor | None, coef: Tensor, out: Tensor) -> None:
-    k.apply_coefficients[(triton.cdiv(geo.numel, APPLY_BLOCK),)](
+    k.apply_coefficients[(_cdiv(geo.numel, APPLY_BLOCK),)](
         x, x if dy is None else dy, coef, out, geo.numel, geo.nsub, geo.d1, geo.m1, geo.d2,
         geo.k2, HAS_DY=dy is not None, BLOCK=APPLY_BLOCK, INT64=geo.int64,
         num_warps=APPLY_WARPS)
@@ -154,21 +161,24 @@ def _column_sums(parts: Tensor, rows: int, columns: int) -> Tensor:
     """(2, rows, columns) -> (2, columns), summed over rows in a fixed order."""
     sums = parts.new_empty(2, columns)
     block_c = _pow2(columns, 128)
-    k.column_sums[(triton.cdiv(columns, block_c), 2)](
+    k.column_sums[(_cdiv(columns, block_c), 2)](
         parts, sums, rows, columns, BLOCK_R=_pow2(rows, 32), BLOCK_C=block_c)
     return sums
 
 
-def _fused_tile(geo: Geometry) -> tuple[int, int, int] | None:
-    """(BLOCK_A, BLOCK_J, BLOCK_S) when one program can hold a whole 'mid' item."""
-    if geo.family != "mid":
+def _item_tile(geo: Geometry, itemsize: int) -> tuple[int, int, int] | None:
+    """(BLOCK_A, BLOCK_J, BLOCK_S) when one program normalizes each whole 'mid' item."""
+    if geo.family != "mid" or geo.count * itemsize > ITEM_MAX_BYTES:
         return None
-    tile = tuple(triton.next_power_of_2(n) for n in (geo.A, geo.J, geo.S))
-    return tile if math.prod(tile) <= FUSED_MAX else None
+    block_s = _pow2(geo.S, ITEM_TILE)
+    block_j = _pow2(geo.J, ITEM_TILE // block_s)
+    return _pow2(geo.A, ITEM_TILE // (block_s * block_j)), block_j, block_s
 
 
-def _fused_warps(tile: tuple[int, int, int]) -> int:
-    return min(16, max(4, math.prod(tile) // 512))
+def _item_programs(geo: Geometry, itemsize: int) -> int:
+    """Programs of mid_item_*: as many as keep ITEM_L2_BYTES of items in flight. Each item is
+    computed the same way whichever program takes it, so results do not depend on this."""
+    return max(1, min(geo.items, ITEM_L2_BYTES // max(1, geo.count * itemsize)))
 
 
 def rows_supported(plan: Plan) -> bool:
@@ -193,8 +203,8 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(y, stats, coef): stats (5, items) = batch mean, biased var, rstd, shift K,
     mean(x - K) (None when mean / var were given); coef (5, nsub) = per-sub K, mean(x - K),
-    rstd, scale, bias (None when one program per item normalized from registers: 'rows' and
-    small 'mid' items). `running` = (running_mean, running_var, momentum): buffers with one
+    rstd, scale, bias (None when one program normalized each whole item: 'rows', and 'mid'
+    items of at most ITEM_MAX_BYTES). `running` = (running_mean, running_var, momentum): buffers with one
     entry per item (BatchNorm), moved towards the batch statistics in the same kernels."""
     geo = geometry(plan)
     acc = accumulation_dtype(x.dtype)
@@ -210,13 +220,13 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             INT64=geo.int64, num_warps=min(16, max(1, block_l // 256)))
         return y, stats, None
     buffers, scalars, update = _running_args(running, geo.count, x)
-    tile = _fused_tile(geo)
+    tile = _item_tile(geo, x.element_size())
     if mean is None and tile is not None:
         stats = x.new_empty(5, geo.items, dtype=acc)
-        k.mid_fused_forward[(geo.items,)](
-            x, w, b, y, stats, *buffers, geo.nsub, geo.J, geo.C, geo.S, geo.A, *eps_pair,
-            *scalars, **flags, UPDATE=update, BLOCK_A=tile[0], BLOCK_J=tile[1],
-            BLOCK_S=tile[2], INT64=geo.int64, num_warps=_fused_warps(tile))
+        k.mid_item_forward[(_item_programs(geo, x.element_size()),)](
+            x, w, b, y, stats, *buffers, geo.items, geo.nsub, geo.J, geo.C, geo.S, geo.A,
+            *eps_pair, *scalars, **flags, UPDATE=update, BLOCK_A=tile[0], BLOCK_J=tile[1],
+            BLOCK_S=tile[2], INT64=geo.int64, num_warps=ITEM_WARPS)
         return y, stats, None
     coef = x.new_empty(5, geo.nsub, dtype=acc)
     stats = None
@@ -231,7 +241,7 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
             geo.ipp, geo.pstride, geo.istride, *eps_pair, *scalars, **flags, UPDATE=update,
             BLOCK=_pow2(entries, 1024), BLOCK_J=_pow2(geo.J, 64))
     else:
-        k.given_coefficients[(triton.cdiv(geo.nsub, 1024),)](
+        k.given_coefficients[(_cdiv(geo.nsub, 1024),)](
             mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C,
             mean.numel(), *eps_pair, **flags, BLOCK=1024)
     _apply(geo, x, None, coef, y)
@@ -248,8 +258,8 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
     w = _flat(weight, x)
     dx = torch.empty_like(x) if need_dx else None
     if geo.family == "rows":
-        per_program = triton.cdiv(geo.items, ROWS_PROGRAMS)
-        programs = triton.cdiv(geo.items, per_program)
+        per_program = _cdiv(geo.items, ROWS_PROGRAMS)
+        programs = _cdiv(geo.items, per_program)
         part = x.new_empty(2, programs, geo.L, dtype=acc)
         block_l = _pow2(geo.L, MAX_ROW)
         k.rows_backward[(programs,)](
@@ -258,13 +268,13 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
             num_warps=min(16, max(1, block_l // 256)))
         sums = _column_sums(part, programs, geo.L)
         return dx, sums[0], sums[1]
-    if coef is None:  # mid_fused_forward ran
-        tile = _fused_tile(geo)
+    if coef is None:  # mid_item_forward ran
+        tile = _item_tile(geo, x.element_size())
         sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
-        k.mid_fused_backward[(geo.items,)](
-            x, dy, w, stats, x if dx is None else dx, sub_sums, geo.nsub, geo.J, geo.C, geo.S,
-            geo.A, HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_A=tile[0],
-            BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64, num_warps=_fused_warps(tile))
+        k.mid_item_backward[(_item_programs(geo, x.element_size()),)](
+            x, dy, w, stats, x if dx is None else dx, sub_sums, geo.items, geo.nsub, geo.J,
+            geo.C, geo.S, geo.A, HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_A=tile[0],
+            BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64, num_warps=ITEM_WARPS)
         return (dx, *_channel_sums(geo, sub_sums))
     splits = _splits(geo)
     part = x.new_empty(2, geo.nsub * splits.count, dtype=acc)
@@ -291,6 +301,6 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          correction: float, momentum: float) -> None:
     """In-place lerp of contiguous running buffers towards (mean, var * correction)."""
     channels = running_mean.numel()
-    k.running_stats_update[(triton.cdiv(channels, 1024),)](
+    k.running_stats_update[(_cdiv(channels, 1024),)](
         running_mean, running_var, mean.contiguous(), var.contiguous(), channels,
         *_float_pair(momentum), *_float_pair(correction), BLOCK=1024)

@@ -75,6 +75,9 @@ def check_case(case: Case, dtype: torch.dtype, steps: int = 3, device: str = "cp
     """Run `case` in torch and normkit for `steps` train steps and one eval step."""
     torch.manual_seed(0)
     module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if device != "cpu" and dtype in (torch.float16, torch.bfloat16) and case.name.startswith(
+            ("GroupNorm", "LayerNorm")):
+        module_dtype = dtype  # torch's CUDA kernels want these parameters in the input's dtype
     reference = case.make(tnn).to(device, module_dtype)
     ours = case.make(normkit).to(device, module_dtype)
     if not any(is_lazy(t) for t in list(reference.parameters()) + list(reference.buffers())):
