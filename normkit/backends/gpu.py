@@ -2,8 +2,10 @@
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Statistics accumulate in
 float32 (float64 for float64 input). Calls no kernel covers (layouts without a plan, empty
-tensors, LayerNorm rows longer than `gpu_launch.MAX_ROW`, tracing by torch.compile) are handed
-to the reference backend. First-order backward runs in the kernels; create_graph=True uses the
+tensors, LayerNorm rows longer than `gpu_launch.MAX_ROW`) are handed to the reference backend.
+While torch.compile / torch.export trace CUDA tensors, the kernels are called as
+torch.library.triton_op operators (`gpu_ops`); traced CPU tensors (interpreter) take the
+reference path. First-order backward runs in the kernels; create_graph=True uses the
 differentiable reference backward, so double backward works.
 
 Triton is imported only when a kernel is first launched. With ``TRITON_INTERPRET=1`` the kernels
@@ -55,7 +57,7 @@ def _launch():
 
 
 def _plan(x: Tensor, weight, bias, dims, mean, shape) -> Plan | None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not (x.device.type == "cuda" and _ops_available()):
         return None
     if x.dtype not in _DTYPES or not runs_on(x) or not is_available():
         return None
@@ -134,6 +136,10 @@ def normalize(
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
+    if torch.compiler.is_compiling():
+        out = _traced_normalize(plan, x, weight, bias, eps, mean, var)
+        reference.update_after(running, out[1], out[2], x.numel(), update_running_stats)
+        return out
     fused = running if _fusable(running, plan, x) else None
     if reference.needs_grad(x, weight, bias):
         y, mean_out, var_out = _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps,
@@ -146,6 +152,20 @@ def normalize(
     else:
         reference.update_after(running, mean_out, var_out, x.numel(), update_running_stats)
     return y, mean_out, var_out
+
+
+def _ops_available() -> bool:
+    """True when torch can trace Triton kernels (torch.library.triton_op, torch >= 2.6)."""
+    return hasattr(torch.library, "triton_op") and is_available()
+
+
+def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
+    """The kernels as triton_op operators: what torch.compile / torch.export put in graphs."""
+    from normkit.backends import gpu_ops
+
+    sizes = [plan.A, plan.M, plan.J, plan.S, plan.Wm]
+    y, stats, _ = gpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
+    return (y, *_stats_outputs(stats if mean is None else None, mean, var))
 
 
 def _fusable(running, plan: Plan, x: Tensor) -> bool:

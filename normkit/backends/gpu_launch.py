@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import triton
 from torch import Tensor
 
-from normkit.backends import gpu_kernels as k
+from normkit.backends import gpu_kernels
 from normkit.backends.plan import Plan
 
 SPLIT_ELEMENTS = 16384  # elements one program reduces before its partial is merged
@@ -31,6 +32,14 @@ ITEM_L2_BYTES = 32 << 20  # bytes of items in flight at once in mid_item_*: they
 ITEM_TILE = 4096  # elements of one mid_item_* block
 ITEM_WARPS = 8
 INT32_LIMIT = 2**31 - 1
+
+
+def _kernel(fn):
+    """A kernel of gpu_kernels, wrapped by torch.library.wrap_triton when it is compiled for a
+    GPU, so that the launch can be traced inside a torch.library.triton_op (normkit.backends.
+    gpu_ops); an eager launch passes straight through. Interpreted kernels stay as they are."""
+    wrap = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
+    return wrap(fn) if wrap and isinstance(fn, triton.runtime.jit.JITFunction) else fn
 
 
 @dataclass(frozen=True)
@@ -135,19 +144,19 @@ def _partials(geo: Geometry, splits: _Splits, x: Tensor, dy: Tensor | None,
     coef = part if coef is None else coef
     firsts = (geo.ipp, geo.pstride, geo.istride)
     if geo.family == "mid":
-        k.mid_partials[(geo.nsub, splits.count)](
+        _kernel(gpu_kernels.mid_partials)[(geo.nsub, splits.count)](
             x, dy, coef, part, geo.nsub, geo.J, geo.S, geo.span, splits.chunk, splits.count,
             *firsts, BACKWARD=backward, BLOCK=REDUCE_BLOCK, INT64=geo.int64, num_warps=4)
     else:
         grid = (geo.P, _cdiv(geo.L, splits.block_l), splits.count)
-        k.cols_partials[grid](
+        _kernel(gpu_kernels.cols_partials)[grid](
             x, dy, coef, part, geo.Q, geo.L, geo.nsub, geo.J, splits.chunk, splits.count,
             *firsts, BACKWARD=backward, BLOCK_Q=splits.block_q, BLOCK_L=splits.block_l,
             INT64=geo.int64, num_warps=4)
 
 
 def _apply(geo: Geometry, x: Tensor, dy: Tensor | None, coef: Tensor, out: Tensor) -> None:
-    k.apply_coefficients[(_cdiv(geo.numel, APPLY_BLOCK),)](
+    _kernel(gpu_kernels.apply_coefficients)[(_cdiv(geo.numel, APPLY_BLOCK),)](
         x, x if dy is None else dy, coef, out, geo.numel, geo.nsub, geo.d1, geo.m1, geo.d2,
         geo.k2, HAS_DY=dy is not None, BLOCK=APPLY_BLOCK, INT64=geo.int64,
         num_warps=APPLY_WARPS)
@@ -161,7 +170,7 @@ def _column_sums(parts: Tensor, rows: int, columns: int) -> Tensor:
     """(2, rows, columns) -> (2, columns), summed over rows in a fixed order."""
     sums = parts.new_empty(2, columns)
     block_c = _pow2(columns, 128)
-    k.column_sums[(_cdiv(columns, block_c), 2)](
+    _kernel(gpu_kernels.column_sums)[(_cdiv(columns, block_c), 2)](
         parts, sums, rows, columns, BLOCK_R=_pow2(rows, 32), BLOCK_C=block_c)
     return sums
 
@@ -215,7 +224,7 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     if geo.family == "rows":
         stats = x.new_empty(5, geo.items, dtype=acc)
         block_l = _pow2(geo.L, MAX_ROW)
-        k.rows_forward[(geo.items,)](
+        _kernel(gpu_kernels.rows_forward)[(geo.items,)](
             x, w, b, y, stats, geo.items, geo.L, *eps_pair, **flags, BLOCK_L=block_l,
             INT64=geo.int64, num_warps=min(16, max(1, block_l // 256)))
         return y, stats, None
@@ -223,7 +232,7 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     tile = _item_tile(geo, x.element_size())
     if mean is None and tile is not None:
         stats = x.new_empty(5, geo.items, dtype=acc)
-        k.mid_item_forward[(_item_programs(geo, x.element_size()),)](
+        _kernel(gpu_kernels.mid_item_forward)[(_item_programs(geo, x.element_size()),)](
             x, w, b, y, stats, *buffers, geo.items, geo.nsub, geo.J, geo.C, geo.S, geo.A,
             *eps_pair, *scalars, **flags, UPDATE=update, BLOCK_A=tile[0], BLOCK_J=tile[1],
             BLOCK_S=tile[2], INT64=geo.int64, num_warps=ITEM_WARPS)
@@ -236,12 +245,12 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
         _partials(geo, splits, x, None, None, part)
         stats = x.new_empty(5, geo.items, dtype=acc)
         entries = geo.J * splits.count
-        k.merge_stats[(geo.items,)](
+        _kernel(gpu_kernels.merge_stats)[(geo.items,)](
             part, x, w, b, stats, coef, *buffers, geo.items, entries, geo.nsub, geo.J, geo.C,
             geo.ipp, geo.pstride, geo.istride, *eps_pair, *scalars, **flags, UPDATE=update,
             BLOCK=_pow2(entries, 1024), BLOCK_J=_pow2(geo.J, 64))
     else:
-        k.given_coefficients[(_cdiv(geo.nsub, 1024),)](
+        _kernel(gpu_kernels.given_coefficients)[(_cdiv(geo.nsub, 1024),)](
             mean.contiguous(), var.contiguous(), w, b, coef, geo.nsub, geo.J, geo.C,
             mean.numel(), *eps_pair, **flags, BLOCK=1024)
     _apply(geo, x, None, coef, y)
@@ -262,7 +271,7 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
         programs = _cdiv(geo.items, per_program)
         part = x.new_empty(2, programs, geo.L, dtype=acc)
         block_l = _pow2(geo.L, MAX_ROW)
-        k.rows_backward[(programs,)](
+        _kernel(gpu_kernels.rows_backward)[(programs,)](
             x, dy, w, stats, x if dx is None else dx, part, geo.items, geo.L, per_program,
             HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_L=block_l, INT64=geo.int64,
             num_warps=min(16, max(1, block_l // 256)))
@@ -271,7 +280,7 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
     if coef is None:  # mid_item_forward ran
         tile = _item_tile(geo, x.element_size())
         sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
-        k.mid_item_backward[(_item_programs(geo, x.element_size()),)](
+        _kernel(gpu_kernels.mid_item_backward)[(_item_programs(geo, x.element_size()),)](
             x, dy, w, stats, x if dx is None else dx, sub_sums, geo.items, geo.nsub, geo.J,
             geo.C, geo.S, geo.A, HAS_W=weight is not None, NEED_DX=need_dx, BLOCK_A=tile[0],
             BLOCK_J=tile[1], BLOCK_S=tile[2], INT64=geo.int64, num_warps=ITEM_WARPS)
@@ -281,7 +290,7 @@ def backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Te
     _partials(geo, splits, x, dy, coef, part)
     bcoef = x.new_empty(5, geo.nsub, dtype=acc)
     sub_sums = x.new_empty(2, geo.nsub, dtype=acc)
-    k.backward_coefficients[(geo.items,)](
+    _kernel(gpu_kernels.backward_coefficients)[(geo.items,)](
         part, coef, w, bcoef, sub_sums, geo.nsub, geo.J, geo.C, splits.count, geo.count,
         HAS_W=weight is not None, BATCH_STATS=stats is not None,
         BLOCK_J=_pow2(geo.J, 64), BLOCK_S=_pow2(splits.count, 64))
@@ -301,6 +310,6 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          correction: float, momentum: float) -> None:
     """In-place lerp of contiguous running buffers towards (mean, var * correction)."""
     channels = running_mean.numel()
-    k.running_stats_update[(_cdiv(channels, 1024),)](
+    _kernel(gpu_kernels.running_stats_update)[(_cdiv(channels, 1024),)](
         running_mean, running_var, mean.contiguous(), var.contiguous(), channels,
         *_float_pair(momentum), *_float_pair(correction), BLOCK=1024)
