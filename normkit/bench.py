@@ -236,14 +236,15 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
 def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torch.float32,),
               layouts=("contiguous", "channels_last"), quick: bool = False,
               shapes: list[tuple[int, ...]] | None = None, progress: bool = True,
-              backend: str | None = None) -> dict:
+              backend: str | None = None, compile: bool | None = None) -> dict:
     """Benchmark every (op, shape, dtype, layout); returns the JSON-ready report.
-    `backend` forces a normkit backend (default: the automatic choice)."""
+    `backend` forces a normkit backend (default: the automatic choice); `compile` adds the
+    torch.compile column (default: on CUDA)."""
     from tqdm import tqdm
 
     reps = 5 if quick else 10
     copy_gbps = copy_bandwidth(device)
-    with_compile = device.startswith("cuda")
+    with_compile = device.startswith("cuda") if compile is None else compile
     jobs = []
     for name in ops:
         op = OPS[name]
@@ -261,7 +262,8 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
                 for op, shape, dtype, layout in tqdm(jobs, disable=not progress, desc="bench")]
     return {
         "device": device,
-        "device_name": torch.cuda.get_device_name(device) if with_compile else platform.processor()
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else
+        platform.processor()
         or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -14,10 +14,11 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from normkit import _checks
+from normkit._autocast import follows_autocast
 from normkit._layout import dense_in_suggested_format
 from normkit.backends import backend_for
 
-__all__ = ["batch_norm", "batch_norm_act", "instance_norm", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm"]
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -37,6 +38,7 @@ def _empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
     return out
 
 
+@follows_autocast()
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -114,6 +116,7 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
     return False
 
 
+@follows_autocast()
 def batch_norm_act(
     input: Tensor,
     running_mean: Tensor | None,
@@ -155,6 +158,7 @@ def batch_norm_act(
     )
 
 
+@follows_autocast()
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -233,6 +237,7 @@ def instance_norm(
     return y
 
 
+@follows_autocast(("cuda",))
 def group_norm(
     input: Tensor,
     num_groups: int,
@@ -266,6 +271,7 @@ def group_norm(
     return y.flatten(1, 2)
 
 
+@follows_autocast(("cuda",))
 def layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],

@@ -301,9 +301,10 @@ def test_cuda_tensors_use_triton_automatically(launches):
     assert launches["forward"] == 2 and launches["backward"] == 2
 
 
-def test_torch_compile_traces_through_the_reference_path(launches):
-    """While torch.compile traces, the Triton backend hands calls to the reference ops, so a
-    model compiles with fullgraph=True and matches eager (kernels as triton_op: not yet)."""
+def test_torch_compile_fullgraph_matches_eager(launches):
+    """A model compiles with fullgraph=True and matches eager: on CUDA the graph calls the
+    kernels as triton_op operators (aot_eager runs their Python bodies: launches counted); the
+    interpreter's kernels cannot be traced, so on CPU the graph holds the reference ops."""
     torch._dynamo.reset()
     model = torch.nn.Sequential(normkit.BatchNorm2d(3), normkit.GroupNorm(1, 3)).to(DEVICE)
     twin = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.GroupNorm(1, 3)).to(DEVICE)
@@ -312,7 +313,7 @@ def test_torch_compile_traces_through_the_reference_path(launches):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), twin(x))
     torch.testing.assert_close(model[0].running_var, twin[0].running_var)
-    assert launches["forward"] == 0
+    assert (launches["forward"] > 0) == (DEVICE == "cuda")
 
 
 @pytest.mark.parametrize("case", ["subs>64", "mid splits>64", "cols splits>64"])

@@ -17,7 +17,8 @@ Statistics: per-lane Welford of x - K (K = the item's first element, so large me
 precision), lanes and programs merged with Chan's formula in a fixed order (a split count fixed
 by the shape): no atomics, bitwise reproducible. Accumulation in
 float32 (float64 for float64 input): the accumulation dtype is the dtype of the partial /
-coefficient buffers. Float scalars arrive as float32 (hi, lo) pairs so float64 keeps eps exact.
+coefficient buffers. Float scalars arrive as float32 (hi, lo) pairs so float64 keeps eps exact
+(Inductor passes them as float64 scalars: their sums are cast to the working dtype).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _welford(n, m, q, x, mask):
 @triton.jit
 def _rstd(var, eps_hi, eps_lo):
     """1 / sqrt(var + eps), correctly rounded."""
-    eps = tl.zeros_like(var) + eps_hi + eps_lo
+    eps = (tl.zeros_like(var) + eps_hi + eps_lo).to(var.dtype)  # Inductor passes float64
     if var.dtype == tl.float64:
         rstd = 1.0 / tl.sqrt(var + eps)
     else:
@@ -626,8 +627,8 @@ def _update_running(running_mean_ptr, running_var_ptr, idx, mean, var, momentum_
     rm = tl.load(running_mean_ptr + idx, mask=mask)
     rv = tl.load(running_var_ptr + idx, mask=mask)
     acc = tl.float64 if rm.dtype == tl.float64 else tl.float32
-    momentum = tl.zeros_like(rm).to(acc) + momentum_hi + momentum_lo
-    correction = tl.zeros_like(rm).to(acc) + correction_hi + correction_lo
+    momentum = (tl.zeros_like(rm).to(acc) + momentum_hi + momentum_lo).to(acc)
+    correction = (tl.zeros_like(rm).to(acc) + correction_hi + correction_lo).to(acc)
     mean = mean.to(rm.dtype).to(acc)
     var = (var.to(acc) * correction).to(rv.dtype).to(acc)
     tl.store(running_mean_ptr + idx, _lerp(rm.to(acc), mean, momentum).to(rm.dtype), mask=mask)

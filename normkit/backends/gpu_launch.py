@@ -8,7 +8,9 @@ machine. The tuning knobs are the module constants.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,19 +29,35 @@ APPLY_WARPS = 8
 COLS_TILE = 2048  # elements of one cols_partials tile
 ROWS_PROGRAMS = 1024  # most programs sharing one LayerNorm backward's dweight / dbias
 MAX_ROW = 16384  # longest LayerNorm row held in registers
-ITEM_MAX_BYTES = 256 << 10  # largest 'mid' item normalized whole by one program (mid_item_*)
+ITEM_MAX_BYTES = 32 << 10  # largest 'mid' item normalized whole by one program (mid_item_*)
 ITEM_L2_BYTES = 32 << 20  # bytes of items in flight at once in mid_item_*: they must stay in L2
 ITEM_TILE = 4096  # elements of one mid_item_* block
 ITEM_WARPS = 8
 INT32_LIMIT = 2**31 - 1
 
 
+_traced_launches = threading.local()
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Within this block kernels launch through torch.library.wrap_triton, so that a
+    torch.library.triton_op launching them can be traced (normkit.backends.gpu_ops). Outside
+    it they launch directly: some torch versions make a wrapper object per launch, costly."""
+    _traced_launches.on = True
+    try:
+        yield
+    finally:
+        _traced_launches.on = False
+
+
 def _kernel(fn):
-    """A kernel of gpu_kernels, wrapped by torch.library.wrap_triton when it is compiled for a
-    GPU, so that the launch can be traced inside a torch.library.triton_op (normkit.backends.
-    gpu_ops); an eager launch passes straight through. Interpreted kernels stay as they are."""
+    """A kernel of gpu_kernels, as `traceable_launches` says it is launched."""
     wrap = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
-    return wrap(fn) if wrap and isinstance(fn, triton.runtime.jit.JITFunction) else fn
+    if wrap is not None and getattr(_traced_launches, "on", False) and isinstance(
+            fn, triton.runtime.jit.JITFunction):
+        return wrap(fn)
+    return fn
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ torch.export graphs hold the kernels themselves (Inductor schedules them with it
 
 Eager code launches the kernels directly (`gpu.normalize`, lower overhead); while torch traces
 CUDA tensors, `gpu.normalize` calls `normkit::triton_normalize_forward`, whose backward is
-`normkit::triton_normalize_backward`. Their launches go through `torch.library.wrap_triton`
-(`gpu_launch._kernel`). Needs torch >= 2.6 (triton_op); the backward is first-order only.
+`normkit::triton_normalize_backward`. Their launches go through
+`torch.library.wrap_triton` (`gpu_launch.traceable_launches`). Needs torch >= 2.6 (triton_op);
+the backward is first-order only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def normalize_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                       sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, stats, coef) of `gpu_launch.forward` for the plan (kind, *sizes); a statistics
     tensor the launch does not produce is returned empty."""
-    y, stats, coef = gpu_launch.forward(Plan(kind, *sizes), x, weight, bias, eps, mean, var)
+    with gpu_launch.traceable_launches():
+        y, stats, coef = gpu_launch.forward(Plan(kind, *sizes), x, weight, bias, eps, mean,
+                                            var)
     return y, _or_empty(stats, x), _or_empty(coef, x)
 
 
@@ -41,8 +44,9 @@ def normalize_backward(x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tens
                        sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of `gpu_launch.backward`; dx is empty when not needed, dweight /
     dbias flat in the accumulation dtype. dy must have x's strides."""
-    dx, dw, db = gpu_launch.backward(Plan(kind, *sizes), x, dy, weight, _or_none(stats),
-                                     _or_none(coef), need_dx)
+    with gpu_launch.traceable_launches():
+        dx, dw, db = gpu_launch.backward(Plan(kind, *sizes), x, dy, weight, _or_none(stats),
+                                         _or_none(coef), need_dx)
     return x.new_empty(0) if dx is None else dx, dw.clone(), db.clone()
 
 

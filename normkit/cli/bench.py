@@ -15,6 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     report = bench.run_bench(
         ops=args.ops, device=args.device, dtypes=[getattr(torch, d) for d in args.dtypes],
         layouts=args.layouts, quick=args.quick, shapes=shapes, backend=args.backend,
+        compile=args.compile,
     )
     print(bench.format_table(report))
     bench.write_json(report, args.json)
@@ -37,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    choices=["contiguous", "channels_last"])
     p.add_argument("--shapes", nargs="+", help="e.g. 32x256x56x56 (default: ResNet-50 stages)")
     p.add_argument("--quick", action="store_true", help="two small shapes, fewer repetitions")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the torch.compile column (default: on CUDA)")
     p.add_argument("--json", default="normkit-bench.json", help="where to write the rows")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.set_defaults(run=_run)
