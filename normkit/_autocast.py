@@ -27,10 +27,11 @@ def _to_float32(value):
 
 
 def _autocasting(input) -> bool:
+    """True under autocast for the input's device (CPU and CUDA, where normkit has kernels)."""
     if not isinstance(input, Tensor):
         return False
     device = input.device.type
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
 
 
 def follows_autocast(float32_on: tuple[str, ...] = ()) -> Callable[[F], F]:
