@@ -7,15 +7,17 @@ channel and one statistics item (`gpu_launch.Geometry` says how a plan maps onto
 Item = sub // J (J subs per item), weight channel = sub % C.
   - 'rows' memory (M, L): LayerNorm, one item per row, weight per column.
 
-Launches: a 'mid' item of at most `gpu_launch.ITEM_MAX_BYTES` is normalized whole by one program
-(mid_item_*): two passes over the item, the second served from L2 because few items are in
-flight at once, so memory sees x read once forward and x, dy once backward. Otherwise the forward is partials -> merge (+ per-sub
-coefficients) -> elementwise apply, and the backward partials -> coefficients -> apply, with a
-fixed-order column sum for dweight / dbias when several subs share a channel.
+Launches: a 'mid' item of at most `gpu_launch.ITEM_MAX_BYTES` is normalized whole by one
+program (mid_item_*): two passes over the item, the second served from L2 because few items are
+in flight at once, so memory sees x read once forward and x, dy once backward. Otherwise the
+forward is partials -> merge (+ per-sub coefficients) -> elementwise apply, and the backward
+partials -> coefficients -> apply, with a fixed-order column sum for dweight / dbias when
+several subs share a channel.
 
-Statistics: per-lane Welford of x - K (K = the item's first element, so large means keep their
-precision), lanes and programs merged with Chan's formula in a fixed order (a split count fixed
-by the shape): no atomics, bitwise reproducible. Accumulation in
+Statistics are taken of x - K (K = the item's first element, so large means keep their
+precision): per-lane Welford in the partials kernels, per-block centred sums in mid_item_*,
+merged with Chan's formula in a fixed order (a split count fixed by the shape): no atomics,
+bitwise reproducible. Accumulation in
 float32 (float64 for float64 input): the accumulation dtype is the dtype of the partial /
 coefficient buffers. Float scalars arrive as float32 (hi, lo) pairs so float64 keeps eps exact
 (Inductor passes them as float64 scalars: their sums are cast to the working dtype).

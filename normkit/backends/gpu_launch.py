@@ -231,8 +231,9 @@ def forward(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, e
     """(y, stats, coef): stats (5, items) = batch mean, biased var, rstd, shift K,
     mean(x - K) (None when mean / var were given); coef (5, nsub) = per-sub K, mean(x - K),
     rstd, scale, bias (None when one program normalized each whole item: 'rows', and 'mid'
-    items of at most ITEM_MAX_BYTES). `running` = (running_mean, running_var, momentum): buffers with one
-    entry per item (BatchNorm), moved towards the batch statistics in the same kernels."""
+    items of at most ITEM_MAX_BYTES). `running` = (running_mean, running_var, momentum):
+    buffers with one entry per item (BatchNorm), moved towards the batch statistics in the same
+    kernels."""
     geo = geometry(plan)
     acc = accumulation_dtype(x.dtype)
     eps_pair = _float_pair(eps)
