@@ -227,7 +227,8 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
     ideal = op.ideal_factor * x.numel() * x.element_size()
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,
-        normkit.backends.backend_for(x).name, t_torch * 1e3, t_nk * 1e3, None if t_compile is None else t_compile * 1e3,
+        normkit.backends.backend_for(x).name, t_torch * 1e3, t_nk * 1e3,
+        None if t_compile is None else t_compile * 1e3,
         t_torch / t_nk, ideal / t_nk / 1e9, ideal / t_torch / 1e9,
         100 * ideal / t_nk / 1e9 / copy_gbps, 100 * ideal / t_torch / 1e9 / copy_gbps, err,
     )
