@@ -69,6 +69,9 @@ def tune(cases: list[Case] | None = None, device: str = "cuda", reps: int = 10,
             setattr(gpu_launch, name, value)
         seconds = _score(cases, device, reps)
         trials.append({"config": dict(config), "geomean_ms": seconds * 1e3})
+        if progress:  # each trial as it ends, so a run cut short still reports
+            changed = {k: v for k, v in config.items() if v != original[k]}
+            bar.write(f"  {seconds * 1e3:9.3f} ms  {changed or 'defaults'}")
         return seconds
 
     total = 1 + sum(len(values) - (best[name] in values) for name, values in knobs.items())
