@@ -149,3 +149,34 @@ def test_group_norm_channels_last_plan():
     grouped = x.unflatten(1, (3, 2))
     plan = plan_for(grouped, (2, 3, 4), (1, 3, 2, 1, 1))
     assert plan.kind == "nsc" and plan.memory_view(grouped).shape == (2, 20, 3, 2)
+
+
+def test_short_row_kernels_by_channel_blocks(monkeypatch):
+    """BatchNorm with rows shorter than a page runs by blocks of channels: one channel, blocks
+    that do not divide the channel count, all channels; every blocking gives the same bits,
+    and the reference's values."""
+    x0 = torch.randn(5, 7, 5, 6, dtype=torch.float64) * 3 + 1
+    w0, b0 = torch.linspace(0.5, 1.5, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    dy = torch.randn_like(x0)
+    channel_bytes = 5 * 5 * 6 * x0.element_size()
+    plan = plan_for(x0, (0, 2, 3), (1, 7, 1, 1))
+    assert cpu._short_rows(plan, x0)
+    results = []
+    for group in (1, 3, 7):
+        monkeypatch.setattr(cpu, "ROW_GROUP_BYTES", group * channel_bytes)
+        assert cpu._row_group(plan, x0) == group
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        with normkit.use_backend("cpu"):
+            y = nF.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+        assert _kernel_ran(y)
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    with normkit.use_backend("reference"):
+        y = nF.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+    y.backward(dy)
+    expected = [y.detach()] + [t.grad for t in leaves]
+    for got in results:
+        for a, b, e in zip(got, results[0], expected):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

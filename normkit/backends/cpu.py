@@ -26,6 +26,10 @@ _DTYPES = (torch.float32, torch.float64)
 _BLOCKS = 64  # fixed number of row blocks for partial sums: results never depend on threads
 SERIAL_BELOW = 1 << 16  # elements; smaller calls skip the thread pool
 SHORT_ROW_BYTES = 4096  # BatchNorm rows shorter than a page are walked in memory order
+# Per tensor, of one channel block of the short-row kernels: between a block's two passes its x
+# (and dy) stay in cache (measured at 7x7..28x28: best from 380 KB to 1 MB, 12-22 % faster than
+# channel by channel; the L2 is 512 KB per core, the L3 8 MB).
+ROW_GROUP_BYTES = 512 << 10
 _NO_PARAM = {1: np.ones(1), 2: np.ones((1, 1))}
 
 
@@ -73,6 +77,11 @@ def _short_rows(plan: Plan, x: Tensor) -> bool:
             and plan.S * x.element_size() < SHORT_ROW_BYTES)
 
 
+def _row_group(plan: Plan, x: Tensor) -> int:
+    """Channels per block of the short-row kernels: ROW_GROUP_BYTES of each tensor."""
+    return max(1, min(plan.M, ROW_GROUP_BYTES // (plan.A * plan.S * x.element_size())))
+
+
 def _blocks(rows: int) -> int:
     return max(1, min(rows, _BLOCKS))
 
@@ -94,7 +103,7 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
     elif plan.kind == "cols":
         k.cols_forward_train(xv, w, b, *flags, eps, yv, stats, _blocks(plan.A))
     elif _short_rows(plan, x):
-        k.rowwise_forward_train(xv, w, b, *flags, eps, yv, stats)
+        k.rowwise_forward_train(xv, w, b, *flags, eps, yv, stats, _row_group(plan, x))
     else:
         kernel = {"mid": k.mid_forward_train, "rows": k.rows_forward_train,
                   "nsc": k.nsc_forward_train}[plan.kind]
@@ -127,8 +136,11 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     else:
         dw_part = np.empty((plan.M, plan.J))
         db_part = np.empty_like(dw_part)
-        kernel = k.rowwise_backward if _short_rows(plan, x) else k.mid_backward
-        kernel(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
+        if _short_rows(plan, x):
+            k.rowwise_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part,
+                               db_part, _row_group(plan, x))
+        else:
+            k.mid_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
         # Items sharing an affine row (m % Wm) are summed in a fixed order.
         dw = dw_part.reshape(-1, plan.Wm, plan.J).sum(0)
         db = db_part.reshape(-1, plan.Wm, plan.J).sum(0)

@@ -229,85 +229,81 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
                 yr[r, s] = (xr[r, s] - mu) * al + be
 
 
-def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats):
-    """mid_forward_train for BatchNorm with short rows (A, M, 1, S): memory-order passes.
+def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, group):
+    """mid_forward_train for BatchNorm with short rows (A, M, 1, S), by blocks of `group`
+    consecutive channels.
 
-    Channel-by-channel walks jump a whole sample between rows shorter than a page, which
-    costs a TLB miss per row; here each sample a (a fixed block) accumulates per-channel
-    shifted sums in order, the blocks are merged in order, and a second in-order pass
-    normalizes."""
+    Channel-by-channel walks jump a whole sample between rows shorter than a page (a TLB miss
+    per row); here a block's rows are walked sample by sample, its channels' rows contiguous,
+    accumulating each channel's shifted sums over the samples in order; then the block is
+    walked again, from cache when it fits (see cpu.ROW_GROUP_BYTES), to normalize it."""
     n_a, n_m, _, n_s = x.shape
-    s1_part = np.zeros((n_a, n_m))
-    s2_part = np.zeros((n_a, n_m))
-    shift = np.empty(n_m)
-    for m in range(n_m):
-        shift[m] = x[0, m, 0, 0]
-    for a in prange(n_a):
-        for m in range(n_m):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(n_s):
-                d = np.float64(x[a, m, 0, s]) - shift[m]
-                s1 += d
-                s2 += d * d
-            s1_part[a, m] = s1
-            s2_part[a, m] = s2
-    for m in range(n_m):
-        s1 = 0.0
-        s2 = 0.0
+    for blk in prange((n_m + group - 1) // group):
+        m0 = blk * group
+        m1 = min(n_m, m0 + group)
+        s1 = np.zeros(m1 - m0)
+        s2 = np.zeros(m1 - m0)
         for a in range(n_a):
-            s1 += s1_part[a, m]
-            s2 += s2_part[a, m]
-        _finish(s1, s2, shift[m], n_a * n_s, eps, stats, m)
-    for am in prange(n_a * n_m):
-        a = am // n_m
-        m = am % n_m
-        alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
-        beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
-        for s in range(n_s):
-            y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
+            for m in range(m0, m1):
+                shift = np.float64(x[0, m, 0, 0])
+                r1 = 0.0
+                r2 = 0.0
+                for s in range(n_s):
+                    d = np.float64(x[a, m, 0, s]) - shift
+                    r1 += d
+                    r2 += d * d
+                s1[m - m0] += r1
+                s2[m - m0] += r2
+        for m in range(m0, m1):
+            _finish(s1[m - m0], s2[m - m0], np.float64(x[0, m, 0, 0]), n_a * n_s, eps, stats, m)
+        for a in range(n_a):
+            for m in range(m0, m1):
+                alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
+                beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
+                for s in range(n_s):
+                    y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
 
 
-def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
-    """mid_backward for BatchNorm with short rows, in memory order (see rowwise_forward_train).
+def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part, group):
+    """mid_backward for BatchNorm with short rows, by channel blocks walked in memory order
+    (see rowwise_forward_train): the sums pass, then the dx pass from cache.
 
     dw_part / db_part are (M, 1): the per-channel sums of dy·xhat and dy."""
     n_a, n_m, _, n_s = x.shape
     count = n_a * n_s
-    sdy_part = np.zeros((n_a, n_m))
-    sdyx_part = np.zeros((n_a, n_m))
-    for a in prange(n_a):
-        for m in range(n_m):
-            mu = stats[0, m]
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(n_s):
-                d = np.float64(dy[a, m, 0, s])
-                s1 += d
-                s2 += d * (np.float64(x[a, m, 0, s]) - mu)
-            sdy_part[a, m] = s1
-            sdyx_part[a, m] = s2
-    p = np.empty(n_m)
-    q = np.empty(n_m)
-    z = np.empty(n_m)
-    for m in range(n_m):
-        sdy = 0.0
-        sdyx = 0.0
+    for blk in prange((n_m + group - 1) // group):
+        m0 = blk * group
+        m1 = min(n_m, m0 + group)
+        sdy = np.zeros(m1 - m0)
+        sdyx = np.zeros(m1 - m0)
         for a in range(n_a):
-            sdy += sdy_part[a, m]
-            sdyx += sdyx_part[a, m]
-        r = stats[2, m]
-        dw_part[m, 0] = sdyx * r
-        db_part[m, 0] = sdy
-        p[m] = r * w[m, 0] if has_w else r
-        q[m] = -p[m] * r * r * sdyx / count if batch_stats else 0.0
-        z[m] = (-p[m] * sdy / count if batch_stats else 0.0) - q[m] * stats[0, m]
-    if need_dx:
-        for am in prange(n_a * n_m):
-            a = am // n_m
-            m = am % n_m
-            for s in range(n_s):
-                dx[a, m, 0, s] = dy[a, m, 0, s] * p[m] + x[a, m, 0, s] * q[m] + z[m]
+            for m in range(m0, m1):
+                mu = stats[0, m]
+                r1 = 0.0
+                r2 = 0.0
+                for s in range(n_s):
+                    d = np.float64(dy[a, m, 0, s])
+                    r1 += d
+                    r2 += d * (np.float64(x[a, m, 0, s]) - mu)
+                sdy[m - m0] += r1
+                sdyx[m - m0] += r2
+        p = np.empty(m1 - m0)
+        q = np.empty(m1 - m0)
+        z = np.empty(m1 - m0)
+        for m in range(m0, m1):
+            i = m - m0
+            r = stats[2, m]
+            dw_part[m, 0] = sdyx[i] * r
+            db_part[m, 0] = sdy[i]
+            p[i] = r * w[m, 0] if has_w else r
+            q[i] = -p[i] * r * r * sdyx[i] / count if batch_stats else 0.0
+            z[i] = (-p[i] * sdy[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
+        if need_dx:
+            for a in range(n_a):
+                for m in range(m0, m1):
+                    i = m - m0
+                    for s in range(n_s):
+                        dx[a, m, 0, s] = dy[a, m, 0, s] * p[i] + x[a, m, 0, s] * q[i] + z[i]
 
 
 def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
