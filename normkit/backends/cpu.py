@@ -30,7 +30,7 @@ SHORT_ROW_BYTES = 4096  # BatchNorm rows shorter than a page are walked in memor
 # (and dy) stay in cache (measured at 7x7..28x28: best from 380 KB to 1 MB, 12-22 % faster than
 # channel by channel; the L2 is 512 KB per core, the L3 8 MB).
 ROW_GROUP_BYTES = 512 << 10
-_NO_PARAM = {1: np.ones(1), 2: np.ones((1, 1))}
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
 @functools.cache
@@ -62,13 +62,14 @@ def _kernels(numel: int):
     return k.serial if numel < SERIAL_BELOW else k.parallel
 
 
-def _array(t: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
-    """A parameter as a numpy array of the plan's shape (a placeholder when None)."""
-    if t is None:
-        return _NO_PARAM[len(shape)]
-    if t.dtype not in _DTYPES:
-        t = t.double()
-    return t.detach().numpy().reshape(shape)
+def _dense(t: Tensor | None) -> Tensor | None:
+    """A parameter or statistic as the kernels read it: contiguous (None stays None)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _address(t: Tensor | None) -> int:
+    """Where the kernels find a dense tensor (0 for an absent one, never read)."""
+    return 0 if t is None else t.data_ptr()
 
 
 def _short_rows(plan: Plan, x: Tensor) -> bool:
@@ -90,61 +91,55 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
     """(y, stats) where stats is float64 (3, items): mean, biased var, rstd per item."""
     k = _kernels(x.numel())
     y = cpu_buffers.empty_like(x)
-    stats = np.empty((3, plan.items))
-    xv, yv = plan.memory_view(x), plan.memory_view(y)
-    w, b = _array(weight, plan.weight_shape), _array(bias, plan.weight_shape)
-    flags = (weight is not None, bias is not None)
+    stats = torch.empty((3, plan.items), dtype=torch.float64)
+    weight, bias = _dense(weight), _dense(bias)
+    params = (x.data_ptr(), _address(weight), _address(bias), weight is not None,
+              bias is not None)
+    out = (y.data_ptr(), stats.data_ptr(), _LIKE[x.dtype], plan.array_shape)
     if mean is not None:
-        m, v = _array(mean, (mean.numel(),)), _array(var, (var.numel(),))
+        mean, var = _dense(mean), _dense(var)
+        given = (mean.data_ptr(), var.data_ptr())
         if plan.kind == "cols":
-            k.cols_forward_given(xv, w, b, *flags, m, v, eps, yv, stats, _blocks(plan.A))
+            k.cols_forward_given(*params, *given, eps, *out, _blocks(plan.A))
         else:
-            k.mid_forward_given(xv, w, b, *flags, m, v, eps, yv, stats)
+            k.mid_forward_given(*params, *given, mean.numel(), eps, *out, plan.Wm)
     elif plan.kind == "cols":
-        k.cols_forward_train(xv, w, b, *flags, eps, yv, stats, _blocks(plan.A))
+        k.cols_forward_train(*params, eps, *out, _blocks(plan.A))
     elif _short_rows(plan, x):
-        k.rowwise_forward_train(xv, w, b, *flags, eps, yv, stats, _row_group(plan, x))
+        k.rowwise_forward_train(*params, eps, *out, _row_group(plan, x))
+    elif plan.kind == "mid":
+        k.mid_forward_train(*params, eps, *out, plan.Wm)
+    elif plan.kind == "rows":
+        k.rows_forward_train(*params, eps, *out)
     else:
-        kernel = {"mid": k.mid_forward_train, "rows": k.rows_forward_train,
-                  "nsc": k.nsc_forward_train}[plan.kind]
-        kernel(xv, w, b, *flags, eps, yv, stats)
-    return y, torch.from_numpy(stats)
+        k.nsc_forward_train(*params, eps, *out)
+    return y, stats
 
 
 def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
               batch_stats: bool, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx, dw, db) with dw / db float64 in the plan's weight shape."""
+    """(dx, dw, db); dw / db have x's dtype and the plan's weight shape (summed over the
+    dims the weight is broadcast along)."""
     k = _kernels(x.numel())
     dy = with_strides_of(dy, x)
-    xv, dyv = plan.memory_view(x), plan.memory_view(dy)
     dx = cpu_buffers.empty_like(x) if need_dx else None
-    dxv = plan.memory_view(dx) if need_dx else xv[:0]
-    w, has_w, st = _array(weight, plan.weight_shape), weight is not None, stats.numpy()
+    dw = torch.empty(plan.weight_shape, dtype=x.dtype)
+    db = torch.empty_like(dw)
+    weight = _dense(weight)
+    args = (x.data_ptr(), dy.data_ptr(), _address(weight), weight is not None, stats.data_ptr())
+    out = (need_dx, _address(dx), dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype],
+           plan.array_shape)
     if plan.kind == "cols":
-        dw, db = np.empty(plan.M), np.empty(plan.M)
-        k.cols_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw, db, _blocks(plan.A))
+        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A))
     elif plan.kind == "rows":
-        dw_part = np.empty((_blocks(plan.M), plan.J))
-        db_part = np.empty_like(dw_part)
-        k.rows_backward(xv, dyv, w, has_w, st, need_dx, dxv, dw_part, db_part)
-        dw, db = dw_part.sum(0), db_part.sum(0)
+        k.rows_backward(*args, *out, _blocks(plan.M))
     elif plan.kind == "nsc":
-        dw_part = np.empty((plan.A, plan.Wm, plan.J))
-        db_part = np.empty_like(dw_part)
-        k.nsc_backward(xv, dyv, w, has_w, st, need_dx, dxv, dw_part, db_part)
-        dw, db = dw_part.sum(0), db_part.sum(0)
+        k.nsc_backward(*args, *out)
+    elif _short_rows(plan, x):
+        k.rowwise_backward(*args, batch_stats, *out, _row_group(plan, x))
     else:
-        dw_part = np.empty((plan.M, plan.J))
-        db_part = np.empty_like(dw_part)
-        if _short_rows(plan, x):
-            k.rowwise_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part,
-                               db_part, _row_group(plan, x))
-        else:
-            k.mid_backward(xv, dyv, w, has_w, st, batch_stats, need_dx, dxv, dw_part, db_part)
-        # Items sharing an affine row (m % Wm) are summed in a fixed order.
-        dw = dw_part.reshape(-1, plan.Wm, plan.J).sum(0)
-        db = db_part.reshape(-1, plan.Wm, plan.J).sum(0)
-    return dx, torch.from_numpy(dw), torch.from_numpy(db)
+        k.mid_backward(*args, batch_stats, *out, plan.Wm)
+    return dx, dw, db
 
 
 def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
@@ -152,43 +147,34 @@ def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
 
 
 class _CpuNormalize(torch.autograd.Function):
-    """`reference._Normalize`'s contract, computed by the numba kernels."""
+    """`reference._Normalize`'s contract, computed by the numba kernels: (y, stats)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape):
+    def forward(ctx, x, weight, bias, call):
+        plan, _, eps, mean, var, _ = call
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.dims, ctx.eps, ctx.plan, ctx.batch_stats = dims, eps, plan, mean is None
-        ctx.shape = shape
-        mean_out, var_out = _stats_outputs(stats, mean, var)
-        ctx.mark_non_differentiable(mean_out, var_out)
-        return y, mean_out, var_out
+        ctx.call = call
+        ctx.mark_non_differentiable(stats)
+        return y, stats
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy, _dstats):
         x, weight, bias, stats = ctx.saved_tensors
+        plan, dims, eps, mean, _, shape = ctx.call
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
-            stat_shape = _stat_shape(x, ctx.dims)
-            w, b = (t if t is None or ctx.shape is None else t.view(ctx.shape)
-                    for t in (weight, bias))
+            stat_shape = _stat_shape(x, dims)
+            w, b = (t if t is None or shape is None else t.view(shape) for t in (weight, bias))
             dx, dw, db = reference.differentiable_backward(
-                dy, x, w, b, stats[0].view(stat_shape), stats[2].view(stat_shape), ctx.dims,
-                ctx.eps, ctx.batch_stats, need_dx,
+                dy, x, w, b, stats[0].view(stat_shape), stats[2].view(stat_shape), dims, eps,
+                mean is None, need_dx,
             )
         else:
-            dx, dw, db = _backward(ctx.plan, x, dy, weight, stats, ctx.batch_stats, need_dx)
-        dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
-        db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None, None
-
-
-def _stats_outputs(stats: Tensor, mean, var) -> tuple[Tensor, Tensor]:
-    """Batch statistics, one per item (the given ones when statistics were given)."""
-    if mean is not None:
-        return mean, var
-    batch_mean, batch_var, _ = stats.unbind(0)
-    return batch_mean, batch_var
+            dx, dw, db = _backward(plan, x, dy, weight, stats, mean is None, need_dx)
+        dw = None if weight is None else dw.view(weight.shape)
+        db = None if bias is None else db.view(bias.shape)
+        return dx, dw, db, None
 
 
 def normalize(
@@ -203,18 +189,21 @@ def normalize(
     running: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`reference.normalize`, on the numba kernels when a plan covers the call."""
-    plan = _plan(x, weight, bias, dims, mean, shape)
+    plan = _plan(x, weight, bias, dims, mean, var, shape)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
     if torch.compiler.is_compiling():
-        out = _traced_normalize(plan, x, weight, bias, eps, mean, var)
+        y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
-        out = _CpuNormalize.apply(x, weight, bias, mean, var, dims, eps, plan, shape)
+        y, stats = _CpuNormalize.apply(x, weight, bias, (plan, dims, eps, mean, var, shape))
     else:
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
-        out = (y, *_stats_outputs(stats, mean, var))
-    reference.update_after(running, out[1], out[2], x.numel(), update_running_stats)
-    return out
+    if mean is not None:
+        return y, mean, var
+    if running is not None:
+        running_mean, running_var, momentum = running
+        _update_from_stats(running_mean, running_var, stats, x.numel() // plan.items, momentum)
+    return y, stats[0], stats[1]
 
 
 def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
@@ -222,44 +211,60 @@ def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
     from normkit.backends import cpu_ops
 
     sizes = [plan.A, plan.M, plan.J, plan.S, plan.Wm]
-    y, stats = cpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
-    return (y, *_stats_outputs(stats, mean, var))
+    return cpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
 
 
-def _plan(x, weight, bias, dims, mean, shape) -> Plan | None:
+def _plan(x, weight, bias, dims, mean, var, shape) -> Plan | None:
+    """The kernels' plan for the call: float32/float64 CPU data, parameters and given
+    statistics of the same dtype on the CPU; None otherwise."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return None
+    for t in (weight, bias, mean, var):
+        if t is not None and (t.device.type != "cpu" or t.dtype != x.dtype):
+            return None
     param = weight if weight is not None else bias
     param_shape = None
     if param is not None:
-        if param.device.type != "cpu":
-            return None
         shape = param.shape if shape is None else shape
         param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape)
     plan = plan_for(x, dims, param_shape)
-    if plan is None or (mean is not None and (
-            plan.kind not in ("mid", "cols") or mean.device.type != "cpu")):
+    if plan is None or (mean is not None and plan.kind not in ("mid", "cols")):
         return None  # no op normalizes rows / grouped channels_last with given statistics
     return plan
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          count: int, momentum: float) -> None:
-    """`reference.update_running_stats`, in numpy for float32/float64 CPU buffers."""
-    buffers = (running_mean, running_var, mean, var)
-    if (torch.compiler.is_compiling() or not _kernel_buffers(buffers)
-            or running_mean.requires_grad or running_var.requires_grad):
-        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    """`reference.update_running_stats`, in a kernel for float32/float64 CPU buffers."""
+    _update_from_stats(running_mean, running_var, torch.stack((mean, var)), count, momentum)
+
+
+def _update_from_stats(running_mean: Tensor, running_var: Tensor, stats: Tensor, count: int,
+                       momentum: float) -> None:
+    """Move the running buffers towards rows 0 (mean) and 1 (biased var) of `stats`."""
+    if (torch.compiler.is_compiling() or running_mean.requires_grad
+            or running_var.requires_grad or not _kernel_buffers(running_mean, running_var,
+                                                                stats.shape[1])):
+        reference.update_running_stats(running_mean, running_var, stats[0], stats[1], count,
+                                       momentum)
         return
+    stats = stats.to(torch.float64).contiguous()
     correction = count / (count - 1) if count > 1 else 1.0
-    _kernel_module().running_update(*(t.numpy() for t in buffers), momentum, correction)
+    n = running_mean.numel()
+    _kernel_module().running_update(running_mean.data_ptr(), running_var.data_ptr(),
+                                    _LIKE[running_mean.dtype], stats.data_ptr(),
+                                    stats.data_ptr() + 8 * stats.shape[1], n, momentum,
+                                    correction)
     increment_version((running_mean, running_var))  # autograd must see the in-place update
 
 
-def _kernel_buffers(buffers: tuple[Tensor, ...]) -> bool:
-    """Contiguous 1-D float32/float64 CPU tensors, as the running-statistics kernel needs."""
-    return all(t.device.type == "cpu" and t.dtype in _DTYPES and t.dim() == 1
-               and t.is_contiguous() for t in buffers)
+def _kernel_buffers(running_mean: Tensor, running_var: Tensor, n: int) -> bool:
+    """Contiguous float32/float64 CPU buffers of one dtype and n values, as the
+    running-statistics kernel needs."""
+    return (running_mean.device.type == "cpu" and running_mean.dtype in _DTYPES
+            and running_var.dtype == running_mean.dtype and running_var.device.type == "cpu"
+            and running_mean.is_contiguous() and running_var.is_contiguous()
+            and running_mean.numel() == n and running_var.numel() == n)
 
 
 def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
@@ -269,7 +274,8 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
 
     plan = None
     if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
-        plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean)
+        plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean,
+                                None if training else running_var)
     if plan is None:
         return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
                                         training, momentum, eps, act, negative_slope,

@@ -8,7 +8,6 @@ kernels always keep the minimal state for backward: x, the statistics, a 1-bit m
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,8 +16,6 @@ from normkit.backends import cpu, cpu_buffers
 from normkit.backends.plan import Plan
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
-_NO_BITS = np.zeros((1, 1, 1), dtype=np.uint8)
-_NO_ARRAY = {2: np.zeros((1, 1)), 4: np.zeros((1, 1, 1, 1))}
 
 _compiled = None
 
@@ -33,31 +30,26 @@ def _kernels(numel: int):
 
 
 def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-             running_mean: Tensor | None) -> Plan | None:
+             running_mean: Tensor | None, running_var: Tensor | None) -> Plan | None:
     """The BatchNorm plan of x when the fused kernels cover the call, else None."""
     dims = (0,) + tuple(range(2, x.dim()))
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    plan = cpu._plan(x, weight, bias, dims, running_mean, shape)
+    plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape)
     if plan is None or plan.kind not in ("mid", "cols"):
         return None
-    others = [t for t in (residual, running_mean) if t is not None]
+    others = [t for t in (residual, running_mean, running_var) if t is not None]
     if any(t.device.type != "cpu" for t in others):
         return None
     return plan
 
 
-def _bits_array(plan: Plan, code: int) -> np.ndarray:
+def _bits_shape(plan: Plan, code: int) -> tuple[int, int, int]:
+    """The 1-bit mask of z > 0 (relu / leaky_relu), packed along each row; else one byte."""
     if code not in (1, 2):
-        return _NO_BITS
+        return (1, 1, 1)
     if plan.kind == "mid":
-        return np.empty((plan.A, plan.M, (plan.S + 7) // 8), dtype=np.uint8)
-    return np.empty((1, plan.A, (plan.M + 7) // 8), dtype=np.uint8)
-
-
-def _view_or_placeholder(plan: Plan, t: Tensor | None) -> np.ndarray:
-    if t is None:
-        return _NO_ARRAY[len(plan.array_shape)]
-    return plan.memory_view(t)
+        return (plan.A, plan.M, (plan.S + 7) // 8)
+    return (1, plan.A, (plan.M + 7) // 8)
 
 
 class CpuBatchNormAct(torch.autograd.Function):
@@ -69,28 +61,28 @@ class CpuBatchNormAct(torch.autograd.Function):
         k = _kernels(x.numel())
         code = ACT_CODES[act]
         out = cpu_buffers.empty_like(x)
-        stats = np.empty((3, plan.M))
-        bits = _bits_array(plan, code)
-        has = (weight is not None, bias is not None)
-        w, b = cpu._array(weight, (plan.M,)), cpu._array(bias, (plan.M,))
+        stats = torch.empty((3, plan.M), dtype=torch.float64)
+        bits_shape = _bits_shape(plan, code)
+        bits = torch.empty(bits_shape, dtype=torch.uint8)
+        weight, bias = cpu._dense(weight), cpu._dense(bias)
         given = not training
-        m = cpu._array(running_mean, (plan.M,)) if given else _NO_ARRAY[2][0]
-        v = cpu._array(running_var, (plan.M,)) if given else _NO_ARRAY[2][0]
+        mean, var = (cpu._dense(running_mean), cpu._dense(running_var)) if given else (None, None)
         if residual is not None:
             residual = with_strides_of(residual, x)
-        args = (plan.memory_view(x), _view_or_placeholder(plan, residual), residual is not None,
-                w, b, *has, given, m, v, eps, code, slope, plan.memory_view(out), bits, stats)
+        args = (x.data_ptr(), cpu._address(residual), residual is not None,
+                cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
+                given, cpu._address(mean), cpu._address(var), eps, code, slope, out.data_ptr(),
+                bits.data_ptr(), stats.data_ptr(), cpu._LIKE[x.dtype], plan.array_shape,
+                bits_shape)
         if plan.kind == "mid":
             k.mid_act_forward(*args)
         else:
             k.cols_act_forward(*args, cpu._blocks(plan.A))
-        stats_t = torch.from_numpy(stats)
         if training and running_mean is not None:
-            cpu.update_running_stats(running_mean, running_var, stats_t[0], stats_t[1],
-                                     x.numel() // x.shape[1], momentum)
+            cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
+                                   momentum)
         keep_residual = residual if code in (3, 4) else None
-        ctx.save_for_backward(x, weight, bias, keep_residual, stats_t,
-                              torch.from_numpy(bits) if code in (1, 2) else None)
+        ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits)
         ctx.plan, ctx.code, ctx.slope, ctx.training = plan, code, slope, training
         ctx.has_residual = residual is not None
         return out
@@ -108,17 +100,17 @@ class CpuBatchNormAct(torch.autograd.Function):
         need_dr = ctx.has_residual and ctx.needs_input_grad[3]
         dx = cpu_buffers.empty_like(x) if need_dx else None
         dr = cpu_buffers.empty_like(x) if need_dr else None
-        dw, db = np.empty(plan.M), np.empty(plan.M)
-        args = (plan.memory_view(x), _view_or_placeholder(plan, residual), residual is not None,
-                plan.memory_view(dout), cpu._array(weight, (plan.M,)),
-                cpu._array(bias, (plan.M,)), weight is not None, bias is not None,
-                stats.numpy(), ctx.training, ctx.code, ctx.slope,
-                _NO_BITS if bits is None else bits.numpy(), need_dx,
-                _view_or_placeholder(plan, dx), need_dr, _view_or_placeholder(plan, dr), dw, db)
+        dw = torch.empty(plan.M, dtype=x.dtype)
+        db = torch.empty_like(dw)
+        args = (x.data_ptr(), cpu._address(residual), residual is not None, dout.data_ptr(),
+                cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
+                stats.data_ptr(), ctx.training, ctx.code, ctx.slope, bits.data_ptr(), need_dx,
+                cpu._address(dx), need_dr, cpu._address(dr), dw.data_ptr(), db.data_ptr(),
+                cpu._LIKE[x.dtype], plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
             k.mid_act_backward(*args)
         else:
             k.cols_act_backward(*args, cpu._blocks(plan.A))
-        dw_t = None if weight is None else torch.from_numpy(dw).to(weight.dtype)
-        db_t = None if bias is None else torch.from_numpy(db).to(bias.dtype)
-        return dx, dw_t, db_t, dr, None, None, None, None, None, None, None, None
+        dw = None if weight is None else dw.view(weight.shape)
+        db = None if bias is None else db.view(bias.shape)
+        return dx, dw, db, dr, None, None, None, None, None, None, None, None

@@ -6,9 +6,10 @@ Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm 
 z > 0 (NaN counts as positive, as in torch), packed along the innermost axis of each row; the
 backward reads it instead of z. For silu / gelu the backward recomputes z from x (and the
 residual). Work goes row by row through small float64 buffers (z, dz) so that each loop is
-simple enough to vectorize. Unused arrays (no residual, no mask) are passed as 1-element
-placeholders and indexed modulo their size. Every kernel exists serial and parallel, as in
-`cpu_kernels`.
+simple enough to vectorize. Tensors come by address as in `cpu_kernels` (`like`: the data's
+dtype; `shape`: the plan's memory shape; the mask is uint8 of `bits_shape`); unused ones (no
+residual, no mask, no given statistics) are viewed with extent 1 and indexed modulo their
+size. Every kernel exists serial and parallel, as in `cpu_kernels`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from numba import njit, prange
 
 from normkit.backends.cpu_kernels import (
     FASTMATH,
+    _at,
     _cols_affine_coefficients,
     _cols_batch_stats,
     _cols_grad_coefficients,
@@ -110,10 +112,16 @@ def _grad_row(dout_row, z, code, slope, bits_row, g):
 
 
 def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                    bits, stats):
+                    bits, stats, like, shape, bits_shape):
     """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M)."""
-    n_a, n_m, _, n_s = x.shape
-    n_stat = mean.shape[0]
+    n_a, n_m, _, n_s = shape
+    x, out = _at(x, like, shape), _at(out, like, shape)
+    r = _at(r, like, shape if has_r else (1, 1, 1, 1))
+    w, b = _at(w, like, (n_m,)), _at(b, like, (n_m,))
+    n_stat = n_m if given else 1
+    mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
+    bits = _at(bits, np.uint8, bits_shape)
+    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_s
     for m in prange(n_m):
         if given:
@@ -139,11 +147,18 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                     bits, need_dx, dx, need_dr, dr, dw, db):
+                     bits, need_dx, dx, need_dr, dr, dw, db, like, shape, bits_shape):
     """Per channel m: dz = dout * act'(z); dr = dz; dw[m] = Σ dz·xhat; db[m] = Σ dz; dx as BN.
 
     dz of the whole channel is kept in a buffer between the sums and the dx pass."""
-    n_a, n_m, _, n_s = x.shape
+    n_a, n_m, _, n_s = shape
+    x, dout = _at(x, like, shape), _at(dout, like, shape)
+    dx, dr = _at(dx, like, shape), _at(dr, like, shape)
+    r = _at(r, like, shape if has_r else (1, 1, 1, 1))
+    w, b = _at(w, like, (n_m,)), _at(b, like, (n_m,))
+    dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
+    bits = _at(bits, np.uint8, bits_shape)
+    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_s
     for m in prange(n_m):
         mu = stats[0, m]
@@ -178,9 +193,15 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
 
 
 def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                     bits, stats, n_blocks):
+                     bits, stats, like, shape, bits_shape, n_blocks):
     """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row."""
-    n_r, n_c = x.shape
+    n_r, n_c = shape
+    x, out = _at(x, like, shape), _at(out, like, shape)
+    r = _at(r, like, shape if has_r else (1, 1))
+    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
+    bits = _at(bits, np.uint8, bits_shape)
+    stats = _at(stats, np.float64, (3, n_c))
     per_block = (n_r + n_blocks - 1) // n_blocks
     if given:
         _given_stats(mean, var, eps, stats)
@@ -197,9 +218,16 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
 
 
 def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                      bits, need_dx, dx, need_dr, dr, dw, db, n_blocks):
+                      bits, need_dx, dx, need_dr, dr, dw, db, like, shape, bits_shape, n_blocks):
     """Column-wise backward of the fused op (see mid_act_backward); dz is recomputed for dx."""
-    n_r, n_c = x.shape
+    n_r, n_c = shape
+    x, dout = _at(x, like, shape), _at(dout, like, shape)
+    dx, dr = _at(dx, like, shape), _at(dr, like, shape)
+    r = _at(r, like, shape if has_r else (1, 1))
+    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    dw, db = _at(dw, like, (n_c,)), _at(db, like, (n_c,))
+    bits = _at(bits, np.uint8, bits_shape)
+    stats = _at(stats, np.float64, (3, n_c))
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
     beta = np.empty(n_c)

@@ -16,8 +16,12 @@ assumptions), which lets LLVM vectorize the sums; division follows IEEE (error_m
 so eps=0 with a constant input gives inf/NaN as torch does, not ZeroDivisionError.
 
 Every kernel exists twice: `parallel` (prange over threads) and `serial` (for small tensors,
-where waking the thread pool costs more than the work). Statistics are returned in a (3, M)
-float64 array: mean, biased variance, 1/sqrt(var + eps).
+where waking the thread pool costs more than the work). Kernels take tensors by address
+(`Tensor.data_ptr()`, memory laid out as the plan says) with a zero-size array `like` of the
+data's dtype and the plan's sizes: turning a tensor into a numpy array costs microseconds,
+which small inputs notice. Parameters, given statistics and weight / bias gradients share the
+data's dtype; statistics are a (3, items) float64 array: mean, biased variance,
+1/sqrt(var + eps).
 """
 
 from __future__ import annotations
@@ -25,9 +29,28 @@ from __future__ import annotations
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
+from numba import types as nbtypes
+from numba.extending import intrinsic
 
 FASTMATH = {"reassoc", "contract"}
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The integer `address` as a pointer to elements of `like`'s dtype (an array or a dtype)."""
+    pointer = nbtypes.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@njit(inline="always", cache=True)
+def _at(address, like, shape):
+    """The memory at `address` as a C-contiguous array of `shape` with `like`'s dtype."""
+    return carray(_pointer(address, like), shape)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -169,10 +192,14 @@ def _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, coun
         z[c] = (-p[c] * sg / count if batch_stats else 0.0) - q[c] * stats[0, c]
 
 
-def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
-    """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j]; stats over (a, j, s)."""
-    n_a, n_m, n_j, n_s = x.shape
-    n_w = w.shape[0]
+def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
+    """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j]; stats over (a, j, s).
+
+    x, y: (A, M, J, S) = `shape`; w, b: (Wm, J), Wm = n_w."""
+    n_a, n_m, n_j, n_s = shape
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
+    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_j * n_s
     for m in prange(n_m):
         shift = np.float64(x[0, m, 0, 0])
@@ -196,15 +223,18 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats):
                     y[a, m, j, s] = x[a, m, j, s] * alpha + beta
 
 
-def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
-    """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = len(mean)).
+def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, like, shape,
+                      n_w):
+    """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = n_stat).
 
     Purely elementwise, y = (x - mean) * alpha + b in x's dtype (as torch computes eval batch
     norm; x - mean keeps the precision of data near a large mean): per-(m, j) coefficients
     first, then each thread walks a contiguous range of the (a, m, j) rows."""
-    n_a, n_m, n_j, n_s = x.shape
-    n_w = w.shape[0]
-    n_stat = mean.shape[0]
+    n_a, n_m, n_j, n_s = shape
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
+    mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
+    stats = _at(stats, np.float64, (3, n_m))
     coef = np.empty((3, n_m, n_j), dtype=x.dtype)  # mean, alpha = rstd * w, b
     for m in range(n_m):
         stats[0, m] = mean[m % n_stat]
@@ -229,7 +259,7 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats):
                 yr[r, s] = (xr[r, s] - mu) * al + be
 
 
-def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, group):
+def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group):
     """mid_forward_train for BatchNorm with short rows (A, M, 1, S), by blocks of `group`
     consecutive channels.
 
@@ -237,7 +267,10 @@ def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, group):
     per row); here a block's rows are walked sample by sample, its channels' rows contiguous,
     accumulating each channel's shifted sums over the samples in order; then the block is
     walked again, from cache when it fits (see cpu.ROW_GROUP_BYTES), to normalize it."""
-    n_a, n_m, _, n_s = x.shape
+    n_a, n_m, _, n_s = shape
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_m, 1)), _at(b, like, (n_m, 1))
+    stats = _at(stats, np.float64, (3, n_m))
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
@@ -264,12 +297,16 @@ def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, group):
                     y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
 
 
-def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part, group):
+def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
+                     group):
     """mid_backward for BatchNorm with short rows, by channel blocks walked in memory order
     (see rowwise_forward_train): the sums pass, then the dx pass from cache.
 
-    dw_part / db_part are (M, 1): the per-channel sums of dy·xhat and dy."""
-    n_a, n_m, _, n_s = x.shape
+    dw / db are (M,): the per-channel sums of dy·xhat and dy."""
+    n_a, n_m, _, n_s = shape
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w, dw, db = _at(w, like, (n_m, 1)), _at(dw, like, (n_m,)), _at(db, like, (n_m,))
+    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_s
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
@@ -293,8 +330,8 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, 
         for m in range(m0, m1):
             i = m - m0
             r = stats[2, m]
-            dw_part[m, 0] = sdyx[i] * r
-            db_part[m, 0] = sdy[i]
+            dw[m] = sdyx[i] * r
+            db[m] = sdy[i]
             p[i] = r * w[m, 0] if has_w else r
             q[i] = -p[i] * r * r * sdyx[i] / count if batch_stats else 0.0
             z[i] = (-p[i] * sdy[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
@@ -306,14 +343,21 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, 
                         dx[a, m, 0, s] = dy[a, m, 0, s] * p[i] + x[a, m, 0, s] * q[i] + z[i]
 
 
-def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part):
-    """Per m: dw_part[m, j] = Σ dy·xhat, db_part[m, j] = Σ dy, and (need_dx) the input grad.
+def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape, n_w):
+    """dw[k, j] = Σ dy·xhat, db[k, j] = Σ dy over the m with m % Wm = k, and (need_dx) the
+    input grad.
 
     With batch statistics dx = rstd·(g - mean(g) - xhat·mean(g·xhat)), g = dy·w; otherwise
-    dx = g·rstd. Each m's data is read twice, the second time from cache.
+    dx = g·rstd. Each m's data is read twice, the second time from cache. The per-m sums are
+    added into dw / db in order of m.
     """
-    n_a, n_m, n_j, n_s = x.shape
-    n_w = w.shape[0]
+    n_a, n_m, n_j, n_s = shape
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w = _at(w, like, (n_w, n_j))
+    dw, db = _at(dw, like, (n_w, n_j)), _at(db, like, (n_w, n_j))
+    stats = _at(stats, np.float64, (3, n_m))
+    dw_part = np.empty((n_m, n_j))
+    db_part = np.empty((n_m, n_j))
     count = n_a * n_j * n_s
     for m in prange(n_m):
         mu = stats[0, m]
@@ -344,11 +388,28 @@ def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_p
                     p = r * w[k, j] if has_w else r
                     for s in range(n_s):
                         dx[a, m, j, s] = dy[a, m, j, s] * p + x[a, m, j, s] * q + z
+    _sum_groups(dw_part, n_w, dw)
+    _sum_groups(db_part, n_w, db)
 
 
-def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats):
-    """Per row r: y = (x - mean[r]) * rstd[r] * w[k] + b[k]."""
-    n_r, n_k = x.shape
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _sum_groups(part, n_w, out):
+    """out[k, j] = Σ part[m, j] over m = k, k + n_w, ..., added in that order in float64."""
+    total = part[:n_w].copy()
+    for m in range(n_w, part.shape[0]):
+        for j in range(part.shape[1]):
+            total[m % n_w, j] += part[m, j]
+    for k in range(n_w):
+        for j in range(part.shape[1]):
+            out[k, j] = total[k, j]
+
+
+def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
+    """Per row r of (R, K) = `shape`: y = (x - mean[r]) * rstd[r] * w[k] + b[k]."""
+    n_r, n_k = shape
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_k,)), _at(b, like, (n_k,))
+    stats = _at(stats, np.float64, (3, n_r))
     for r in prange(n_r):
         shift = np.float64(x[r, 0])
         s1 = 0.0
@@ -366,10 +427,14 @@ def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats):
             y[r, k] = (x[r, k] - mean) * (rstd * wk) + bk
 
 
-def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
-    """Row-wise backward; dw/db partial sums per block of rows (dw_part.shape[0] blocks)."""
-    n_r, n_k = x.shape
-    n_blocks = dw_part.shape[0]
+def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_blocks):
+    """Row-wise backward; dw/db summed per block of rows, then over the blocks in order."""
+    n_r, n_k = shape
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w, dw, db = _at(w, like, (n_k,)), _at(dw, like, (1, n_k)), _at(db, like, (1, n_k))
+    stats = _at(stats, np.float64, (3, n_r))
+    dw_part = np.empty((n_blocks, n_k))
+    db_part = np.empty((n_blocks, n_k))
     per_block = (n_r + n_blocks - 1) // n_blocks
     for blk in prange(n_blocks):
         dwb = np.zeros(n_k)
@@ -396,11 +461,16 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
                     dx[r, k] = (g - c_mean - xh * c_x) * rs
         dw_part[blk] = dwb
         db_part[blk] = dbb
+    _sum_groups(dw_part, 1, dw)
+    _sum_groups(db_part, 1, db)
 
 
-def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
-    """Per column c over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
-    n_c = x.shape[1]
+def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks):
+    """Per column c of (R, C) = `shape` over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
+    n_c = shape[1]
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    stats = _at(stats, np.float64, (3, n_c))
     _cols_batch_stats(x, eps, stats, n_blocks)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
@@ -408,9 +478,13 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, n_blocks):
     _cols_apply(x, alpha, beta, y, n_blocks)
 
 
-def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks):
+def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_blocks):
     """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
-    n_c = x.shape[1]
+    n_c = shape[1]
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
+    stats = _at(stats, np.float64, (3, n_c))
     _given_stats(mean, var, eps, stats)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
@@ -418,9 +492,13 @@ def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, n_blocks
     _cols_apply(x, alpha, beta, y, n_blocks)
 
 
-def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks):
+def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
+                  n_blocks):
     """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy, and (need_dx) the input grad."""
-    n_r, n_c = x.shape
+    n_r, n_c = shape
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w, dw, db = _at(w, like, (n_c,)), _at(dw, like, (n_c,)), _at(db, like, (n_c,))
+    stats = _at(stats, np.float64, (3, n_c))
     per_block = (n_r + n_blocks - 1) // n_blocks
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
@@ -439,12 +517,15 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_bl
                     dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
 
 
-def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats):
+def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
     """Per (n, g) over (s, cg): y = (x - mean) * rstd * w[g, cg] + b[g, cg]; stats[:, n*G + g].
 
     Each sample is a channels-last (S, C) slab: per-channel shifted sums run along whole rows
     of C contiguous values (vectorizable), then the channels of each group are merged."""
-    n_n, n_s, n_g, n_cg = x.shape
+    n_n, n_s, n_g, n_cg = shape
+    x, y = _at(x, like, shape), _at(y, like, shape)
+    w, b = _at(w, like, (n_g, n_cg)), _at(b, like, (n_g, n_cg))
+    stats = _at(stats, np.float64, (3, n_n * n_g))
     n_c = n_g * n_cg
     count = n_s * n_cg
     for n in prange(n_n):
@@ -475,9 +556,16 @@ def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats):
                 ys[s, c] = xs[s, c] * alpha[c] + beta[c]
 
 
-def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
-    """GroupNorm channels_last backward; dw/db partials per sample n: (N, G, Cg)."""
-    n_n, n_s, n_g, n_cg = x.shape
+def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape):
+    """GroupNorm channels_last backward; dw/db (G, Cg) summed per sample, then over samples in
+    order."""
+    n_n, n_s, n_g, n_cg = shape
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w = _at(w, like, (n_g, n_cg))
+    dw, db = _at(dw, like, (1, n_g * n_cg)), _at(db, like, (1, n_g * n_cg))
+    stats = _at(stats, np.float64, (3, n_n * n_g))
+    dw_part = np.empty((n_n, n_g, n_cg))
+    db_part = np.empty((n_n, n_g, n_cg))
     n_c = n_g * n_cg
     count = n_s * n_cg
     for n in prange(n_n):
@@ -514,13 +602,18 @@ def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw_part, db_part):
             for s in range(n_s):
                 for c in range(n_c):
                     dxs[s, c] = dys[s, c] * p[c] + xs[s, c] * q[c] + z[c]
+    _sum_groups(dw_part.reshape(n_n, n_c), 1, dw)
+    _sum_groups(db_part.reshape(n_n, n_c), 1, db)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def running_update(running_mean, running_var, mean, var, momentum, correction):
-    """running += momentum * (batch - running) in float64, rounded once into the buffers;
-    the variance enters unbiased (times `correction`)."""
-    for c in range(running_mean.shape[0]):
+def running_update(running_mean, running_var, like, mean, var, n, momentum, correction):
+    """running += momentum * (batch - running) in float64, rounded once into the buffers (n
+    values of `like`'s dtype); the variance enters unbiased (times `correction`). The batch
+    `mean` / biased `var` are n float64 values each."""
+    running_mean, running_var = _at(running_mean, like, (n,)), _at(running_var, like, (n,))
+    mean, var = _at(mean, np.float64, (n,)), _at(var, np.float64, (n,))
+    for c in range(n):
         rm = np.float64(running_mean[c])
         rv = np.float64(running_var[c])
         running_mean[c] = rm + momentum * (mean[c] - rm)

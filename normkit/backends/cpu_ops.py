@@ -34,18 +34,19 @@ def _(x, weight, bias, mean, var, eps, kind, sizes):
 def normalize_backward(x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
                        batch_stats: bool, need_dx: bool, kind: str,
                        sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db float64."""
+    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db in the plan's
+    weight shape."""
     from normkit.backends import cpu
 
     dx, dw, db = cpu._backward(Plan(kind, *sizes), x, dy, weight, stats, batch_stats, need_dx)
-    return (x.new_empty(0) if dx is None else dx), dw.clone(), db.clone()
+    return (x.new_empty(0) if dx is None else dx), dw, db
 
 
 @normalize_backward.register_fake
 def _(x, dy, weight, stats, batch_stats, need_dx, kind, sizes):
     plan = Plan(kind, *sizes)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dw = x.new_empty(plan.weight_shape, dtype=torch.float64)
+    dw = x.new_empty(plan.weight_shape)
     return dx, dw, torch.empty_like(dw)
 
 
@@ -60,8 +61,8 @@ def _backward(ctx, dy, _dstats):
     need_dx = ctx.needs_input_grad[0]
     dx, dw, db = normalize_backward(x, dy, weight, stats, ctx.batch_stats, need_dx, ctx.kind,
                                     ctx.sizes)
-    dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
-    db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
+    dw = None if weight is None else dw.reshape(weight.shape)
+    db = None if bias is None else db.reshape(bias.shape)
     return (dx if need_dx else None), dw, db, None, None, None, None, None
 
 
