@@ -30,8 +30,9 @@ def _autocasting(input) -> bool:
     """True under autocast for the input's device (CPU and CUDA, where normkit has kernels)."""
     if not isinstance(input, Tensor):
         return False
-    device = input.device.type
-    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    if input.is_cpu:
+        return torch.is_autocast_enabled("cpu")
+    return input.is_cuda and torch.is_autocast_enabled("cuda")
 
 
 def follows_autocast(float32_on: tuple[str, ...] = ()) -> Callable[[F], F]:

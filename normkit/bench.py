@@ -9,8 +9,10 @@ a 256 MiB buffer). Before timing, normkit's result is checked against torch's on
 On CUDA each repetition is timed with device events around one call per input set, the sets
 rotating so that their bytes exceed the L2 cache (`GPU_ROTATION_BYTES`): the numbers are
 device throughput from memory, not from cache, with the host's launches overlapped as in a
-training loop. Input grads are reset to None before each call, so no time goes to
-accumulating them.
+training loop. On the CPU a repetition repeats a call that takes less than
+`CPU_MIN_REP_SECONDS` until it lasts that long, so small shapes are timed in a steady state
+rather than by single sub-millisecond readings. Input grads are reset to None before each call,
+so no time goes to accumulating them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SMALL_SHAPE = (8, 32, 8, 8)
 LN_SHAPE = (8192, 1024)
 GPU_ROTATION_BYTES = 256 << 20  # CUDA inputs rotate over sets this large in all (> L2)
 MAX_INPUT_SETS = 16
+CPU_MIN_REP_SECONDS = 5e-3
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,17 @@ def _sync(device: str) -> None:
 def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 2,
                 calls: int = 1) -> float:
     """Median seconds of one fn() call. On CUDA each repetition is `calls` back-to-back calls
-    between device events; elsewhere each call is timed by the host clock."""
+    between device events; elsewhere the host clock times enough back-to-back calls to last
+    CPU_MIN_REP_SECONDS (at least one)."""
     for _ in range(max(warmup, calls)):
         fn()
     _sync(device)
+    if not device.startswith("cuda"):
+        start_s = time.perf_counter()
+        fn()
+        _sync(device)
+        once = time.perf_counter() - start_s
+        calls = max(1, min(1000, int(CPU_MIN_REP_SECONDS / max(once, 1e-7))))
     times = []
     for _ in range(reps):
         if device.startswith("cuda"):
@@ -119,9 +129,10 @@ def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 
             times.append(start.elapsed_time(end) / 1e3 / calls)
         else:
             start_s = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             _sync(device)
-            times.append(time.perf_counter() - start_s)
+            times.append((time.perf_counter() - start_s) / calls)
     return statistics.median(times)
 
 

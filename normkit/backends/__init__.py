@@ -62,8 +62,8 @@ def backend_for(x: Tensor) -> ModuleType:
     """The backend that computes normalization of `x`."""
     if _forced is not None:
         return _BACKENDS[_forced]
-    if x.device.type == "cpu" and cpu.is_available():
+    if x.is_cpu and cpu.is_available():
         return cpu
-    if x.device.type == "cuda" and gpu.is_available():
+    if x.is_cuda and gpu.is_available():
         return gpu
     return reference

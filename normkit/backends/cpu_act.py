@@ -61,7 +61,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         k = _kernels(x.numel())
         code = ACT_CODES[act]
         out = cpu_buffers.empty_like(x)
-        stats = torch.empty((3, plan.M), dtype=torch.float64)
+        stats = cpu._stats_buffer(plan.M)
         bits_shape = _bits_shape(plan, code)
         bits = torch.empty(bits_shape, dtype=torch.uint8)
         weight, bias = cpu._dense(weight), cpu._dense(bias)

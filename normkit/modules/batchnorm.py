@@ -19,18 +19,18 @@ class BatchNormForward:
 
     def _batch_norm_arguments(self) -> tuple[Tensor | None, Tensor | None, bool, float]:
         """(running_mean, running_var, use_batch_stats, momentum factor) for F.batch_norm."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        if self.training:
-            use_batch_stats = True
-        else:
-            use_batch_stats = self.running_mean is None and self.running_var is None
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
+        momentum, training = self.momentum, self.training
+        factor = 0.0 if momentum is None else momentum
+        if training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(num_batches_tracked)
+        if training and not self.track_running_stats:
+            return None, None, True, factor
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
         return running_mean, running_var, use_batch_stats, factor
 
     def forward(self, input: Tensor) -> Tensor:
