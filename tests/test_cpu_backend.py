@@ -148,7 +148,11 @@ def test_group_norm_channels_last_plan():
     x = torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)
     grouped = x.unflatten(1, (3, 2))
     plan = plan_for(grouped, (2, 3, 4), (1, 3, 2, 1, 1))
-    assert plan.kind == "nsc" and plan.memory_view(grouped).shape == (2, 20, 3, 2)
+    assert plan.kind == "nsc" and plan.array_shape == (2, 20, 3, 2)
+    # The kernels read the memory in order as (N, spatial, G, C/G).
+    memory = torch.as_strided(grouped, (grouped.numel(),), (1,))
+    as_planned = grouped.permute(0, 3, 4, 1, 2).reshape(plan.array_shape)
+    assert torch.equal(memory.view(plan.array_shape), as_planned)
 
 
 def test_short_row_kernels_by_channel_blocks(monkeypatch):

@@ -1,8 +1,8 @@
 """How a normalize call maps onto the kernels' memory shapes (mid, rows, cols, nsc); shared by
 the CPU (numba) and GPU (Triton) backends.
 
-A plan says which kernel family serves the call, how to view the dense input's memory as that
-family's array, and how the broadcast weight lines up with it. `plan_for` returns None for calls
+A plan says which kernel family serves the call, the shape in which that family reads the
+dense input's memory (in memory order), and how the broadcast weight lines up with it. `plan_for` returns None for calls
 no kernel covers; plans are cached per (shape, strides, dims, weight shape).
 """
 
@@ -12,7 +12,6 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,15 +44,6 @@ class Plan:
         object.__setattr__(self, "array_shape", shapes[0])
         object.__setattr__(self, "weight_shape", shapes[1])
         object.__setattr__(self, "items", self.A * self.Wm if self.kind == "nsc" else self.M)
-
-    def memory_view(self, t: Tensor) -> np.ndarray:
-        """t's memory (t laid out like the planned input) as the kernel's numpy array."""
-        a = t.detach().numpy()
-        if self.kind == "cols" and a.ndim > 2:
-            a = np.moveaxis(a, 1, -1)
-        elif self.kind == "nsc":
-            a = a.transpose(0, *range(3, a.ndim), 1, 2)
-        return a.reshape(self.array_shape)
 
 
 def _varying_only_at(param_shape: tuple[int, ...], x_shape: tuple[int, ...], dims) -> bool:
