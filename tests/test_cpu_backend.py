@@ -184,3 +184,39 @@ def test_short_row_kernels_by_channel_blocks(monkeypatch):
         for a, b, e in zip(got, results[0], expected):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_kernels_read_strided_parameters_and_buffers(layout):
+    """The kernels read parameters and running buffers by address: strided views (every other
+    element of a longer tensor) must give torch's results, and the buffers' update must land in
+    the viewed elements only."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 5, generator=gen).contiguous(memory_format=layout)
+    dy = torch.randn(4, 6, 5, 5, generator=gen)
+    storage = {name: torch.rand(12, generator=gen) + 0.5 for name in ("w", "b", "rm", "rv")}
+    results = []
+    for lib_F in (nF, torch.nn.functional):
+        w, b = (storage[k].clone()[::2].requires_grad_() for k in ("w", "b"))
+        rm_base, rv_base = storage["rm"].clone(), storage["rv"].clone()
+        rm, rv = rm_base[::2], rv_base[::2]
+        xg = x.clone().requires_grad_()
+        y = lib_F.batch_norm(xg, rm, rv, w, b, True, 0.3)
+        if lib_F is nF:
+            assert _kernel_ran(y)
+        y.backward(dy)
+        eval_y = lib_F.batch_norm(x, rm, rv, w.detach(), b.detach(), False)
+        results.append((y, xg.grad, w.grad, b.grad, rm_base, rv_base, eval_y))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_of_another_dtype_use_the_reference_backend():
+    """The kernels read parameters in the input's dtype; another dtype (which functional's
+    checks reject for users) is handed to the reference backend, not misread."""
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    w = torch.rand(6, dtype=torch.float32)
+    assert cpu._plan(x, w, None, (0, 2, 3), None, None, (1, 6, 1, 1)) is None
+    y, _, _ = cpu.normalize(x, w, None, (0, 2, 3), 1e-5, shape=(1, 6, 1, 1))
+    expected, _, _ = reference.normalize(x, w, None, (0, 2, 3), 1e-5, shape=(1, 6, 1, 1))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
