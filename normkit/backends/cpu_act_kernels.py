@@ -35,6 +35,16 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+@njit(inline="always", cache=True)
+def _act_views(x, r, has_r, w, b, bits, stats, like, shape, no_r, bits_shape):
+    """The views every fused kernel takes: x, the residual (shape `no_r` when absent), w and b
+    (one per channel, shape[1]), the mask and the float64 statistics."""
+    n_c = shape[1]
+    return (_at(x, like, shape), _at(r, like, shape if has_r else no_r), _at(w, like, (n_c,)),
+            _at(b, like, (n_c,)), _at(bits, np.uint8, bits_shape),
+            _at(stats, np.float64, (3, n_c)))
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _z_row(x_row, r_row, has_r, alpha, beta, z):
     """z = x * alpha + beta (+ r) for one row, into the float64 buffer z."""
@@ -115,13 +125,11 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
                     bits, stats, like, shape, bits_shape):
     """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M)."""
     n_a, n_m, _, n_s = shape
-    x, out = _at(x, like, shape), _at(out, like, shape)
-    r = _at(r, like, shape if has_r else (1, 1, 1, 1))
-    w, b = _at(w, like, (n_m,)), _at(b, like, (n_m,))
+    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
+                                         (1, 1, 1, 1), bits_shape)
+    out = _at(out, like, shape)
     n_stat = n_m if given else 1
     mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
-    bits = _at(bits, np.uint8, bits_shape)
-    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_s
     for m in prange(n_m):
         if given:
@@ -152,13 +160,10 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
 
     dz of the whole channel is kept in a buffer between the sums and the dx pass."""
     n_a, n_m, _, n_s = shape
-    x, dout = _at(x, like, shape), _at(dout, like, shape)
-    dx, dr = _at(dx, like, shape), _at(dr, like, shape)
-    r = _at(r, like, shape if has_r else (1, 1, 1, 1))
-    w, b = _at(w, like, (n_m,)), _at(b, like, (n_m,))
+    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
+                                         (1, 1, 1, 1), bits_shape)
+    dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
     dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
-    bits = _at(bits, np.uint8, bits_shape)
-    stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_s
     for m in prange(n_m):
         mu = stats[0, m]
@@ -196,12 +201,10 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
                      bits, stats, like, shape, bits_shape, n_blocks):
     """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row."""
     n_r, n_c = shape
-    x, out = _at(x, like, shape), _at(out, like, shape)
-    r = _at(r, like, shape if has_r else (1, 1))
-    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
+                                         bits_shape)
+    out = _at(out, like, shape)
     mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
-    bits = _at(bits, np.uint8, bits_shape)
-    stats = _at(stats, np.float64, (3, n_c))
     per_block = (n_r + n_blocks - 1) // n_blocks
     if given:
         _given_stats(mean, var, eps, stats)
@@ -221,13 +224,10 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
                       bits, need_dx, dx, need_dr, dr, dw, db, like, shape, bits_shape, n_blocks):
     """Column-wise backward of the fused op (see mid_act_backward); dz is recomputed for dx."""
     n_r, n_c = shape
-    x, dout = _at(x, like, shape), _at(dout, like, shape)
-    dx, dr = _at(dx, like, shape), _at(dr, like, shape)
-    r = _at(r, like, shape if has_r else (1, 1))
-    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
+                                         bits_shape)
+    dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
     dw, db = _at(dw, like, (n_c,)), _at(db, like, (n_c,))
-    bits = _at(bits, np.uint8, bits_shape)
-    stats = _at(stats, np.float64, (3, n_c))
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
