@@ -23,7 +23,15 @@ from normkit.backends.plan import Plan, plan_for
 name = "cpu"
 
 _DTYPES = (torch.float32, torch.float64)
-_BLOCKS = 64  # fixed number of row blocks for partial sums: results never depend on threads
+# Row blocks of the kernels that sum over rows (cols, rows backward): each block keeps float64
+# partial sums (two per column) that are merged in block order, so results depend on the shape
+# only, never on the thread count. At most MAX_BLOCKS blocks, at least MIN_BLOCK_ROWS rows each,
+# and at most PARTIAL_BYTES of partials: allocating, zeroing and merging (blocks, columns)
+# partials cost more than the sums themselves when the rows are few and wide (measured at
+# 49x2048: 51 us with 2 blocks, 140 us with 49; at 1568x2048 0.90 against 1.41 ms with 64).
+MAX_BLOCKS = 64
+MIN_BLOCK_ROWS = 16
+PARTIAL_BYTES = 128 << 10
 SERIAL_BELOW = 1 << 16  # elements; smaller calls skip the thread pool
 SHORT_ROW_BYTES = 4096  # BatchNorm rows shorter than a page are walked in memory order
 # Per tensor, of one channel block of the short-row kernels: between a block's two passes its x
@@ -89,8 +97,10 @@ def _row_group(plan: Plan, x: Tensor) -> int:
     return max(1, min(plan.M, ROW_GROUP_BYTES // (plan.A * plan.S * x.element_size())))
 
 
-def _blocks(rows: int) -> int:
-    return max(1, min(rows, _BLOCKS))
+def _blocks(rows: int, columns: int) -> int:
+    """Row blocks for partial sums over (rows, columns) (see MAX_BLOCKS)."""
+    by_partials = PARTIAL_BYTES // (16 * max(1, columns))
+    return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS, by_partials))
 
 
 def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tensor, Tensor]:
@@ -106,11 +116,11 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
         mean, var = _dense(mean), _dense(var)
         given = (mean.data_ptr(), var.data_ptr())
         if plan.kind == "cols":
-            k.cols_forward_given(*params, *given, eps, *out, _blocks(plan.A))
+            k.cols_forward_given(*params, *given, eps, *out, _blocks(plan.A, plan.M))
         else:
             k.mid_forward_given(*params, *given, mean.numel(), eps, *out, plan.Wm)
     elif plan.kind == "cols":
-        k.cols_forward_train(*params, eps, *out, _blocks(plan.A))
+        k.cols_forward_train(*params, eps, *out, _blocks(plan.A, plan.M))
     elif _short_rows(plan, x):
         k.rowwise_forward_train(*params, eps, *out, _row_group(plan, x))
     elif plan.kind == "mid":
@@ -136,9 +146,9 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     out = (need_dx, _address(dx), dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype],
            plan.array_shape)
     if plan.kind == "cols":
-        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A))
+        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A, plan.M))
     elif plan.kind == "rows":
-        k.rows_backward(*args, *out, _blocks(plan.M))
+        k.rows_backward(*args, *out, _blocks(plan.M, plan.J))
     elif plan.kind == "nsc":
         k.nsc_backward(*args, *out)
     elif _short_rows(plan, x):

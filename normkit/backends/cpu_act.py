@@ -77,7 +77,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         if plan.kind == "mid":
             k.mid_act_forward(*args)
         else:
-            k.cols_act_forward(*args, cpu._blocks(plan.A))
+            k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
         if training and running_mean is not None:
             cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
                                    momentum)
@@ -110,7 +110,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         if plan.kind == "mid":
             k.mid_act_backward(*args)
         else:
-            k.cols_act_backward(*args, cpu._blocks(plan.A))
+            k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M))
         dw = None if weight is None else dw.view(weight.shape)
         db = None if bias is None else db.view(bias.shape)
         return dx, dw, db, dr, None, None, None, None, None, None, None, None

@@ -229,34 +229,44 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, l
 
     Purely elementwise, y = (x - mean) * alpha + b in x's dtype (as torch computes eval batch
     norm; x - mean keeps the precision of data near a large mean): per-(m, j) coefficients
-    first, then each thread walks a contiguous range of the (a, m, j) rows."""
+    first, then each thread walks a contiguous range of the (a, m, j) rows, keeping its place
+    in the coefficients by counting (no division per row)."""
     n_a, n_m, n_j, n_s = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
     w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
     mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
     stats = _at(stats, np.float64, (3, n_m))
-    coef = np.empty((3, n_m, n_j), dtype=x.dtype)  # mean, alpha = rstd * w, b
     for m in range(n_m):
-        stats[0, m] = mean[m % n_stat]
-        stats[1, m] = var[m % n_stat]
-        stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+        k = m if n_stat == n_m else m % n_stat
+        stats[0, m] = mean[k]
+        stats[1, m] = var[k]
+        stats[2, m] = 1.0 / np.sqrt(np.float64(var[k]) + eps)
+    n_mj = n_m * n_j
+    coef = np.empty((3, n_mj), dtype=x.dtype)  # mean, alpha = rstd * w, b per (m, j)
+    for m in range(n_m):
+        k = m if n_w == n_m else m % n_w
         for j in range(n_j):
-            coef[0, m, j] = stats[0, m]
-            coef[1, m, j] = stats[2, m] * w[m % n_w, j] if has_w else stats[2, m]
-            coef[2, m, j] = b[m % n_w, j] if has_b else 0.0
-    rows = n_a * n_m * n_j
+            coef[0, m * n_j + j] = stats[0, m]
+            coef[1, m * n_j + j] = stats[2, m] * w[k, j] if has_w else stats[2, m]
+            coef[2, m * n_j + j] = b[k, j] if has_b else 0.0
+    rows = n_a * n_mj
     xr = x.reshape(rows, n_s)
     yr = y.reshape(rows, n_s)
     per_block = (rows + _ELEMENTWISE_BLOCKS - 1) // _ELEMENTWISE_BLOCKS
     for blk in prange(_ELEMENTWISE_BLOCKS):
-        for r in range(blk * per_block, min(rows, (blk + 1) * per_block)):
-            m = (r // n_j) % n_m
-            j = r % n_j
-            mu = coef[0, m, j]
-            al = coef[1, m, j]
-            be = coef[2, m, j]
+        lo = blk * per_block
+        i = lo % n_mj
+        for r in range(lo, min(rows, lo + per_block)):
+            mu = coef[0, i]
+            al = coef[1, i]
+            be = coef[2, i]
+            xrow = xr[r]
+            yrow = yr[r]
             for s in range(n_s):
-                yr[r, s] = (xr[r, s] - mu) * al + be
+                yrow[s] = (xrow[s] - mu) * al + be
+            i += 1
+            if i == n_mj:
+                i = 0
 
 
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group):
