@@ -2,8 +2,9 @@
 the CPU (numba) and GPU (Triton) backends.
 
 A plan says which kernel family serves the call, the shape in which that family reads the
-dense input's memory (in memory order), and how the broadcast weight lines up with it. `plan_for` returns None for calls
-no kernel covers; plans are cached per (shape, strides, dims, weight shape).
+dense input's memory (in memory order), and how the broadcast weight lines up with it.
+`plan_for` returns None for calls no kernel covers; plans are cached per (shape, strides, dims,
+weight shape).
 """
 
 from __future__ import annotations
