@@ -220,3 +220,50 @@ def test_parameters_of_another_dtype_use_the_reference_backend():
     y, _, _ = cpu.normalize(x, w, None, (0, 2, 3), 1e-5, shape=(1, 6, 1, 1))
     expected, _, _ = reference.normalize(x, w, None, (0, 2, 3), 1e-5, shape=(1, 6, 1, 1))
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+BLOCKED_CALLS = {
+    "bn_cl": lambda x, w, b: nF.batch_norm(x, None, None, w, b, True),
+    "bn_eval_cl": lambda x, w, b: nF.batch_norm(
+        x, torch.linspace(-1, 1, x.shape[1], dtype=x.dtype),
+        torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype), w, b, False),
+    "bn_relu_cl": lambda x, w, b: nF.batch_norm_act(x, None, None, w, b, True, act="relu"),
+    "ln": lambda x, w, b: nF.layer_norm(x, x.shape[-1:], w[: x.shape[-1]], b[: x.shape[-1]]),
+}
+
+
+@pytest.mark.parametrize("call", BLOCKED_CALLS)
+@pytest.mark.parametrize("min_rows,partial_bytes,blocks", [
+    (16, 128 << 10, 3),  # the defaults: 3 blocks of 16 rows
+    (1, 1 << 30, 48),  # one row per block
+    (1, 16 * 40 * 5, 5),  # bounded by the partial sums' bytes
+    (1000, 1 << 30, 1),  # fewer rows than one block holds
+])
+def test_row_blocks_of_partial_sums(monkeypatch, call, min_rows, partial_bytes, blocks):
+    """Kernels that sum over rows (channels-last BatchNorm, fused BatchNorm+ReLU, LayerNorm's
+    weight gradients) split the rows into blocks by shape: every block count gives the
+    reference's values, and the same bits on a second run."""
+    monkeypatch.setattr(cpu, "MIN_BLOCK_ROWS", min_rows)
+    monkeypatch.setattr(cpu, "PARTIAL_BYTES", partial_bytes)
+    assert cpu._blocks(48, 40) == blocks
+    gen = torch.Generator().manual_seed(5)
+    x0 = (torch.randn(3, 40, 4, 4, generator=gen, dtype=torch.float64) * 3 + 1)
+    if call == "ln":  # (48, 40) rows of a layer norm over the last dim
+        x0 = x0.permute(0, 2, 3, 1).reshape(48, 40)
+    else:  # channels_last: (48 rows, 40 channels) in memory
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0 = torch.rand(40, generator=gen, dtype=torch.float64) + 0.5
+    b0 = torch.randn(40, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    runs = {}
+    for name in ("cpu", "cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        with normkit.use_backend(name):
+            y = BLOCKED_CALLS[call](*leaves)
+        y.backward(dy)
+        got = [y.detach()] + [t.grad for t in leaves]
+        if name in runs:
+            assert all(torch.equal(a, b) for a, b in zip(got, runs[name]))
+        runs[name] = got
+    for a, e in zip(runs["cpu"], runs["reference"]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
