@@ -6,7 +6,7 @@ Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm 
 z > 0 (NaN counts as positive, as in torch), packed along the innermost axis of each row; the
 backward reads it instead of z. For silu / gelu the backward recomputes z from x (and the
 residual). Work goes row by row through small float64 buffers (z, dz) so that each loop is
-simple enough to vectorize. Tensors come by address as in `cpu_kernels` (`like`: the data's
+simple enough to vectorize (e^x is `cpu_math.exp`, which vectorizes; erf is libm's). Tensors come by address as in `cpu_kernels` (`like`: the data's
 dtype; `shape`: the plan's memory shape; the mask is uint8 of `bits_shape`); unused ones (no
 residual, no mask, no given statistics) are viewed with extent 1 and indexed modulo their
 size. Every kernel exists serial and parallel, as in `cpu_kernels`.
@@ -30,6 +30,7 @@ from normkit.backends.cpu_kernels import (
     _finish,
     _given_stats,
 )
+from normkit.backends.cpu_math import exp
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -81,7 +82,7 @@ def _act_row(z, code, slope, out_row, bits_row):
             out_row[i] = z[i] * slope if z[i] <= 0.0 else z[i]
     elif code == 3:
         for i in range(n):
-            out_row[i] = z[i] / (1.0 + math.exp(-z[i]))
+            out_row[i] = z[i] / (1.0 + exp(-z[i]))
     elif code == 4:
         for i in range(n):
             out_row[i] = 0.5 * z[i] * (1.0 + math.erf(z[i] * INV_SQRT2))
@@ -110,12 +111,12 @@ def _grad_row(dout_row, z, code, slope, bits_row, g):
                 g[i] = dout_row[i] if (v >> k) & 1 else dout_row[i] * low
     elif code == 3:
         for i in range(n):
-            sig = 1.0 / (1.0 + math.exp(-z[i]))
+            sig = 1.0 / (1.0 + exp(-z[i]))
             g[i] = dout_row[i] * sig * (1.0 + z[i] * (1.0 - sig))
     elif code == 4:
         for i in range(n):
             cdf = 0.5 * (1.0 + math.erf(z[i] * INV_SQRT2))
-            g[i] = dout_row[i] * (cdf + z[i] * math.exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI)
+            g[i] = dout_row[i] * (cdf + z[i] * exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI)
     else:
         for i in range(n):
             g[i] = dout_row[i]
