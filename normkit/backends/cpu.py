@@ -298,4 +298,5 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
                                         training, momentum, eps, act, negative_slope,
                                         memory_efficient)
     return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, running_mean, running_var,
-                                         training, momentum, eps, act, negative_slope, plan)
+                                         training, momentum, eps, act, negative_slope,
+                                         memory_efficient, plan)

@@ -1,9 +1,11 @@
 """CPU backend for act(batch_norm(x) + residual): the fused numba kernels and their autograd.
 
 Covers float32/float64 CPU input laid out for the 'mid' (NCHW-like) or 'cols' (channels_last,
-2D) BatchNorm plans; anything else runs the composition in `normkit._batch_norm_act`. The
-kernels always keep the minimal state for backward: x, the statistics, a 1-bit mask
-(relu / leaky_relu) or the residual (silu / gelu, to recompute z).
+2D) BatchNorm plans; anything else runs the composition in `normkit._batch_norm_act`. Kept for
+backward: x, the statistics, and a 1-bit mask (relu / leaky_relu); for silu / gelu act'(z) in
+x's dtype (one tensor of x's size, as the default mode of the composition keeps its output), or
+with memory_efficient only the residual, z and act'(z) being recomputed (two more exp / erf
+per element).
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ class CpuBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum,
-                eps, act, slope, plan):
+                eps, act, slope, memory_efficient, plan):
         k = _kernels(x.numel())
         code = ACT_CODES[act]
         out = cpu_buffers.empty_like(x)
         stats = cpu._stats_buffer(plan.M)
         bits_shape = _bits_shape(plan, code)
         bits = torch.empty(bits_shape, dtype=torch.uint8)
+        keep = code in (3, 4) and not memory_efficient
+        deriv = cpu_buffers.empty_like(x) if keep else None
         weight, bias = cpu._dense(weight), cpu._dense(bias)
         given = not training
         mean, var = (cpu._dense(running_mean), cpu._dense(running_var)) if given else (None, None)
@@ -72,8 +76,8 @@ class CpuBatchNormAct(torch.autograd.Function):
         args = (x.data_ptr(), cpu._address(residual), residual is not None,
                 cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
                 given, cpu._address(mean), cpu._address(var), eps, code, slope, out.data_ptr(),
-                bits.data_ptr(), stats.data_ptr(), cpu._LIKE[x.dtype], plan.array_shape,
-                bits_shape)
+                bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
+                plan.array_shape, bits_shape)
         if plan.kind == "mid":
             k.mid_act_forward(*args)
         else:
@@ -81,8 +85,8 @@ class CpuBatchNormAct(torch.autograd.Function):
         if training and running_mean is not None:
             cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
                                    momentum)
-        keep_residual = residual if code in (3, 4) else None
-        ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits)
+        keep_residual = residual if code in (3, 4) and not keep else None
+        ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits, deriv)
         ctx.plan, ctx.code, ctx.slope, ctx.training = plan, code, slope, training
         ctx.has_residual = residual is not None
         return out
@@ -92,7 +96,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("double backward is not supported by normkit's fused "
                                "BatchNormAct; use BatchNorm followed by the activation")
-        x, weight, bias, residual, stats, bits = ctx.saved_tensors
+        x, weight, bias, residual, stats, bits, deriv = ctx.saved_tensors
         plan = ctx.plan
         k = _kernels(x.numel())
         dout = with_strides_of(dout, x)
@@ -104,13 +108,14 @@ class CpuBatchNormAct(torch.autograd.Function):
         db = torch.empty_like(dw)
         args = (x.data_ptr(), cpu._address(residual), residual is not None, dout.data_ptr(),
                 cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
-                stats.data_ptr(), ctx.training, ctx.code, ctx.slope, bits.data_ptr(), need_dx,
-                cpu._address(dx), need_dr, cpu._address(dr), dw.data_ptr(), db.data_ptr(),
-                cpu._LIKE[x.dtype], plan.array_shape, tuple(bits.shape))
+                stats.data_ptr(), ctx.training, ctx.code, ctx.slope, bits.data_ptr(),
+                deriv is not None, cpu._address(deriv), need_dx, cpu._address(dx), need_dr,
+                cpu._address(dr), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
+                plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
             k.mid_act_backward(*args)
         else:
             k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M))
         dw = None if weight is None else dw.view(weight.shape)
         db = None if bias is None else db.view(bias.shape)
-        return dx, dw, db, dr, None, None, None, None, None, None, None, None
+        return dx, dw, db, dr, None, None, None, None, None, None, None, None, None

@@ -4,10 +4,11 @@ Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm 
 (R, C) BatchNorm channels_last / 2D). Activation codes: 0 identity, 1 relu, 2 leaky_relu,
 3 silu, 4 gelu (erf form). For relu / leaky_relu the forward also writes a 1-bit mask of
 z > 0 (NaN counts as positive, as in torch), packed along the innermost axis of each row; the
-backward reads it instead of z. For silu / gelu the backward recomputes z from x (and the
-residual). Work goes row by row through small float64 buffers (z, dz) so that each loop is
-simple enough to vectorize (e^x is `cpu_math.exp`, which vectorizes; erf is libm's). Tensors come by address as in `cpu_kernels` (`like`: the data's
-dtype; `shape`: the plan's memory shape; the mask is uint8 of `bits_shape`); unused ones (no
+backward reads it instead of z. For silu / gelu the forward either keeps act'(z) in the
+data's dtype (`keep`; `deriv`, the shape of x) for the backward to read, or the backward
+recomputes z from x (and the residual). Work goes row by row through small float64 buffers
+(z, dz) so that each loop is simple enough to vectorize (e^x is `cpu_math.exp`, which does;
+erf is libm's). Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's memory shape; the mask is uint8 of `bits_shape`); unused ones (no
 residual, no mask, no given statistics) are viewed with extent 1 and indexed modulo their
 size. Every kernel exists serial and parallel, as in `cpu_kernels`.
 """
@@ -71,8 +72,10 @@ def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _act_row(z, code, slope, out_row, bits_row):
-    """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0."""
+def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
+    """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0; with
+    `keep` (silu / gelu) also d = act'(z), which the backward then reads instead of
+    recomputing z."""
     n = z.shape[0]
     if code == 1:
         for i in range(n):
@@ -82,10 +85,17 @@ def _act_row(z, code, slope, out_row, bits_row):
             out_row[i] = z[i] * slope if z[i] <= 0.0 else z[i]
     elif code == 3:
         for i in range(n):
-            out_row[i] = z[i] / (1.0 + exp(-z[i]))
+            e = 1.0 + exp(-z[i])
+            out_row[i] = z[i] / e
+            if keep:
+                sig = 1.0 / e
+                d_row[i] = sig * (1.0 + z[i] * (1.0 - sig))
     elif code == 4:
         for i in range(n):
-            out_row[i] = 0.5 * z[i] * (1.0 + math.erf(z[i] * INV_SQRT2))
+            cdf = 0.5 * (1.0 + math.erf(z[i] * INV_SQRT2))
+            out_row[i] = z[i] * cdf
+            if keep:
+                d_row[i] = cdf + z[i] * exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI
     else:
         for i in range(n):
             out_row[i] = z[i]
@@ -99,8 +109,8 @@ def _act_row(z, code, slope, out_row, bits_row):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _grad_row(dout_row, z, code, slope, bits_row, g):
-    """g = dL/dz for one row: from the mask (relu family) or from z (silu, gelu)."""
+def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
+    """g = dL/dz for one row: from the mask (relu family), the kept act'(z) or z (silu, gelu)."""
     n = g.shape[0]
     if code == 1 or code == 2:
         low = 0.0 if code == 1 else slope
@@ -109,6 +119,9 @@ def _grad_row(dout_row, z, code, slope, bits_row, g):
             for k in range(min(8, n - byte * 8)):
                 i = byte * 8 + k
                 g[i] = dout_row[i] if (v >> k) & 1 else dout_row[i] * low
+    elif kept:
+        for i in range(n):
+            g[i] = np.float64(dout_row[i]) * d_row[i]
     elif code == 3:
         for i in range(n):
             sig = 1.0 / (1.0 + exp(-z[i]))
@@ -123,12 +136,12 @@ def _grad_row(dout_row, z, code, slope, bits_row, g):
 
 
 def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                    bits, stats, like, shape, bits_shape):
+                    bits, keep, deriv, stats, like, shape, bits_shape):
     """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M)."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
                                          (1, 1, 1, 1), bits_shape)
-    out = _at(out, like, shape)
+    out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1, 1, 1))
     n_stat = n_m if given else 1
     mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
     count = n_a * n_s
@@ -152,11 +165,13 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
         z = np.empty(n_s)
         for a in range(n_a):
             _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
-            _act_row(z, code, slope, out[a, m, 0], bits[a % bits.shape[0], m % bits.shape[1]])
+            _act_row(z, code, slope, out[a, m, 0], bits[a % bits.shape[0], m % bits.shape[1]],
+                     keep, deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                     bits, need_dx, dx, need_dr, dr, dw, db, like, shape, bits_shape):
+                     bits, kept, deriv, need_dx, dx, need_dr, dr, dw, db, like, shape,
+                     bits_shape):
     """Per channel m: dz = dout * act'(z); dr = dz; dw[m] = Σ dz·xhat; db[m] = Σ dz; dx as BN.
 
     dz of the whole channel is kept in a buffer between the sums and the dx pass."""
@@ -164,6 +179,7 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
                                          (1, 1, 1, 1), bits_shape)
     dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
+    deriv = _at(deriv, like, shape if kept else (1, 1, 1, 1))
     dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
     count = n_a * n_s
     for m in prange(n_m):
@@ -177,10 +193,10 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
         sdz = 0.0
         sdzx = 0.0
         for a in range(n_a):
-            if code == 3 or code == 4:
+            if (code == 3 or code == 4) and not kept:
                 _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
             _grad_row(dout[a, m, 0], z, code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
-                      g[a])
+                      g[a], kept, deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
             for s in range(n_s):
                 sdz += g[a, s]
                 sdzx += g[a, s] * (np.float64(x[a, m, 0, s]) - mu)
@@ -199,12 +215,12 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
 
 
 def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                     bits, stats, like, shape, bits_shape, n_blocks):
+                     bits, keep, deriv, stats, like, shape, bits_shape, n_blocks):
     """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row."""
     n_r, n_c = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
                                          bits_shape)
-    out = _at(out, like, shape)
+    out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1))
     mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
     per_block = (n_r + n_blocks - 1) // n_blocks
     if given:
@@ -218,16 +234,19 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
         z = np.empty(n_c)
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-            _act_row(z, code, slope, out[row], bits[0, row % bits.shape[1]])
+            _act_row(z, code, slope, out[row], bits[0, row % bits.shape[1]], keep,
+                     deriv[row % deriv.shape[0]])
 
 
 def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                      bits, need_dx, dx, need_dr, dr, dw, db, like, shape, bits_shape, n_blocks):
+                      bits, kept, deriv, need_dx, dx, need_dr, dr, dw, db, like, shape,
+                      bits_shape, n_blocks):
     """Column-wise backward of the fused op (see mid_act_backward); dz is recomputed for dx."""
     n_r, n_c = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
                                          bits_shape)
     dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
+    deriv = _at(deriv, like, shape if kept else (1, 1))
     dw, db = _at(dw, like, (n_c,)), _at(db, like, (n_c,))
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
@@ -239,9 +258,10 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
         z = np.empty(n_c)
         g = np.empty(n_c)
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            if code == 3 or code == 4:
+            if (code == 3 or code == 4) and not kept:
                 _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g)
+            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
+                      deriv[row % deriv.shape[0]])
             for c in range(n_c):
                 s1_part[blk, c] += g[c]
                 s2_part[blk, c] += g[c] * (np.float64(x[row, c]) - stats[0, c])
@@ -258,9 +278,10 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
             z = np.empty(n_c)
             g = np.empty(n_c)
             for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-                if code == 3 or code == 4:
+                if (code == 3 or code == 4) and not kept:
                     _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g)
+                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
+                          deriv[row % deriv.shape[0]])
                 for c in range(n_c):
                     dx[row, c] = g[c] * p[c] + x[row, c] * q[c] + zc[c]
 
