@@ -292,7 +292,7 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
     plan = None
     if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
         plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean,
-                                None if training else running_var)
+                                None if training else running_var, act)
     if plan is None:
         return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
                                         training, momentum, eps, act, negative_slope,

@@ -1,11 +1,13 @@
 """CPU backend for act(batch_norm(x) + residual): the fused numba kernels and their autograd.
 
 Covers float32/float64 CPU input laid out for the 'mid' (NCHW-like) or 'cols' (channels_last,
-2D) BatchNorm plans; anything else runs the composition in `normkit._batch_norm_act`. Kept for
-backward: x, the statistics, and a 1-bit mask (relu / leaky_relu); for silu / gelu act'(z) in
-x's dtype (one tensor of x's size, as the default mode of the composition keeps its output), or
-with memory_efficient only the residual, z and act'(z) being recomputed (two more exp / erf
-per element).
+2D) BatchNorm plans, with identity, relu, leaky_relu or silu; anything else runs the
+composition in `normkit._batch_norm_act`. GELU too: numba only has libm's scalar erf, and the
+fused kernel was 1.9-2.7x slower than the composition (whose GELU is torch's vectorized op),
+measured at 32x1024x14x14 and 8x256x28x28. Kept for backward: x, the statistics, and a 1-bit
+mask (relu / leaky_relu); for silu act'(z) in x's dtype (one tensor of x's size, as the default
+mode of the composition keeps its output), or with memory_efficient only the residual, z and
+act'(z) being recomputed (two more exponentials per element).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from normkit._layout import with_strides_of
 from normkit.backends import cpu, cpu_buffers
 from normkit.backends.plan import Plan
 
-ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 
 _compiled = None
 
@@ -32,8 +34,10 @@ def _kernels(numel: int):
 
 
 def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-             running_mean: Tensor | None, running_var: Tensor | None) -> Plan | None:
+             running_mean: Tensor | None, running_var: Tensor | None, act: str) -> Plan | None:
     """The BatchNorm plan of x when the fused kernels cover the call, else None."""
+    if act not in ACT_CODES:
+        return None
     dims = (0,) + tuple(range(2, x.dim()))
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape)
@@ -66,7 +70,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         stats = cpu._stats_buffer(plan.M)
         bits_shape = _bits_shape(plan, code)
         bits = torch.empty(bits_shape, dtype=torch.uint8)
-        keep = code in (3, 4) and not memory_efficient
+        keep = code == 3 and not memory_efficient
         deriv = cpu_buffers.empty_like(x) if keep else None
         weight, bias = cpu._dense(weight), cpu._dense(bias)
         given = not training
@@ -85,7 +89,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         if training and running_mean is not None:
             cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
                                    momentum)
-        keep_residual = residual if code in (3, 4) and not keep else None
+        keep_residual = residual if code == 3 and not keep else None
         ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits, deriv)
         ctx.plan, ctx.code, ctx.slope, ctx.training = plan, code, slope, training
         ctx.has_residual = residual is not None

@@ -2,20 +2,20 @@
 
 Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm NCHW; cols:
 (R, C) BatchNorm channels_last / 2D). Activation codes: 0 identity, 1 relu, 2 leaky_relu,
-3 silu, 4 gelu (erf form). For relu / leaky_relu the forward also writes a 1-bit mask of
-z > 0 (NaN counts as positive, as in torch), packed along the innermost axis of each row; the
-backward reads it instead of z. For silu / gelu the forward either keeps act'(z) in the
-data's dtype (`keep`; `deriv`, the shape of x) for the backward to read, or the backward
+3 silu (GELU runs as the composition, see `cpu_act`). For relu / leaky_relu the forward also
+writes a 1-bit mask of z > 0 (NaN counts as positive, as in torch), packed along the innermost
+axis of each row; the backward reads it instead of z. For silu the forward either keeps act'(z)
+in the data's dtype (`keep`; `deriv`, the shape of x) for the backward to read, or the backward
 recomputes z from x (and the residual). Work goes row by row through small float64 buffers
-(z, dz) so that each loop is simple enough to vectorize (e^x is `cpu_math.exp`, which does;
-erf is libm's). Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's memory shape; the mask is uint8 of `bits_shape`); unused ones (no
-residual, no mask, no given statistics) are viewed with extent 1 and indexed modulo their
-size. Every kernel exists serial and parallel, as in `cpu_kernels`.
+(z, dz) so that each loop is simple enough to vectorize (e^x is `cpu_math.exp`, which does).
+Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's
+memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
+statistics) are viewed with extent 1 and indexed modulo their size. Every kernel exists serial
+and parallel, as in `cpu_kernels`.
 """
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
@@ -32,9 +32,6 @@ from normkit.backends.cpu_kernels import (
     _given_stats,
 )
 from normkit.backends.cpu_math import exp
-
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @njit(inline="always", cache=True)
@@ -74,7 +71,7 @@ def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
     """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0; with
-    `keep` (silu / gelu) also d = act'(z), which the backward then reads instead of
+    `keep` (silu) also d = act'(z), which the backward then reads instead of
     recomputing z."""
     n = z.shape[0]
     if code == 1:
@@ -90,12 +87,6 @@ def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
             if keep:
                 sig = 1.0 / e
                 d_row[i] = sig * (1.0 + z[i] * (1.0 - sig))
-    elif code == 4:
-        for i in range(n):
-            cdf = 0.5 * (1.0 + math.erf(z[i] * INV_SQRT2))
-            out_row[i] = z[i] * cdf
-            if keep:
-                d_row[i] = cdf + z[i] * exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI
     else:
         for i in range(n):
             out_row[i] = z[i]
@@ -110,7 +101,7 @@ def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
-    """g = dL/dz for one row: from the mask (relu family), the kept act'(z) or z (silu, gelu)."""
+    """g = dL/dz for one row: from the mask (relu family), the kept act'(z) or z (silu)."""
     n = g.shape[0]
     if code == 1 or code == 2:
         low = 0.0 if code == 1 else slope
@@ -126,10 +117,6 @@ def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
         for i in range(n):
             sig = 1.0 / (1.0 + exp(-z[i]))
             g[i] = dout_row[i] * sig * (1.0 + z[i] * (1.0 - sig))
-    elif code == 4:
-        for i in range(n):
-            cdf = 0.5 * (1.0 + math.erf(z[i] * INV_SQRT2))
-            g[i] = dout_row[i] * (cdf + z[i] * exp(-0.5 * z[i] * z[i]) * INV_SQRT_2PI)
     else:
         for i in range(n):
             g[i] = dout_row[i]
@@ -193,7 +180,7 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
         sdz = 0.0
         sdzx = 0.0
         for a in range(n_a):
-            if (code == 3 or code == 4) and not kept:
+            if code == 3 and not kept:
                 _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
             _grad_row(dout[a, m, 0], z, code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
                       g[a], kept, deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
@@ -258,7 +245,7 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
         z = np.empty(n_c)
         g = np.empty(n_c)
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            if (code == 3 or code == 4) and not kept:
+            if code == 3 and not kept:
                 _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
             _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
                       deriv[row % deriv.shape[0]])
@@ -278,7 +265,7 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
             z = np.empty(n_c)
             g = np.empty(n_c)
             for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-                if (code == 3 or code == 4) and not kept:
+                if code == 3 and not kept:
                     _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
                 _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
                           deriv[row % deriv.shape[0]])
