@@ -241,11 +241,12 @@ BLOCKED_CALLS = {
 ])
 def test_row_blocks_of_partial_sums(monkeypatch, call, min_rows, partial_bytes, blocks):
     """Kernels that sum over rows (channels-last BatchNorm, fused BatchNorm+ReLU, LayerNorm's
-    weight gradients) split the rows into blocks by shape: every block count gives the
-    reference's values, and the same bits on a second run."""
+    weight gradients) split the rows into blocks by shape, and their elementwise passes into
+    row ranges: every split gives the reference's values, and the same bits on a second run."""
     monkeypatch.setattr(cpu, "MIN_BLOCK_ROWS", min_rows)
     monkeypatch.setattr(cpu, "PARTIAL_BYTES", partial_bytes)
     assert cpu._blocks(48, 40) == blocks
+    assert cpu._tasks(48) == max(1, min(64, 48 // min_rows))  # elementwise passes: no partials
     gen = torch.Generator().manual_seed(5)
     x0 = (torch.randn(3, 40, 4, 4, generator=gen, dtype=torch.float64) * 3 + 1)
     if call == "ln":  # (48, 40) rows of a layer norm over the last dim

@@ -29,6 +29,8 @@ _DTYPES = (torch.float32, torch.float64)
 # and at most PARTIAL_BYTES of partials: allocating, zeroing and merging (blocks, columns)
 # partials cost more than the sums themselves when the rows are few and wide (measured at
 # 49x2048: 51 us with 2 blocks, 140 us with 49; at 1568x2048 0.90 against 1.41 ms with 64).
+# Elementwise passes over the same rows (channels_last y and dx) are split without the
+# partials bound (`_tasks`).
 MAX_BLOCKS = 64
 MIN_BLOCK_ROWS = 16
 PARTIAL_BYTES = 128 << 10
@@ -99,8 +101,13 @@ def _row_group(plan: Plan, x: Tensor) -> int:
 
 def _blocks(rows: int, columns: int) -> int:
     """Row blocks for partial sums over (rows, columns) (see MAX_BLOCKS)."""
-    by_partials = PARTIAL_BYTES // (16 * max(1, columns))
-    return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS, by_partials))
+    return max(1, min(_tasks(rows), PARTIAL_BYTES // (16 * max(1, columns))))
+
+
+def _tasks(rows: int) -> int:
+    """Row ranges of an elementwise pass over rows: no partials to bound, so as many as
+    MAX_BLOCKS and MIN_BLOCK_ROWS allow (parallelism for machines with more cores)."""
+    return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
 
 def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tensor, Tensor]:
@@ -116,11 +123,11 @@ def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tenso
         mean, var = _dense(mean), _dense(var)
         given = (mean.data_ptr(), var.data_ptr())
         if plan.kind == "cols":
-            k.cols_forward_given(*params, *given, eps, *out, _blocks(plan.A, plan.M))
+            k.cols_forward_given(*params, *given, eps, *out, _tasks(plan.A))
         else:
             k.mid_forward_given(*params, *given, mean.numel(), eps, *out, plan.Wm)
     elif plan.kind == "cols":
-        k.cols_forward_train(*params, eps, *out, _blocks(plan.A, plan.M))
+        k.cols_forward_train(*params, eps, *out, _blocks(plan.A, plan.M), _tasks(plan.A))
     elif _short_rows(plan, x):
         k.rowwise_forward_train(*params, eps, *out, _row_group(plan, x))
     elif plan.kind == "mid":
@@ -146,7 +153,7 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     out = (need_dx, _address(dx), dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype],
            plan.array_shape)
     if plan.kind == "cols":
-        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A, plan.M))
+        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A, plan.M), _tasks(plan.A))
     elif plan.kind == "rows":
         k.rows_backward(*args, *out, _blocks(plan.M, plan.J))
     elif plan.kind == "nsc":

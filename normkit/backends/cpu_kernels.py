@@ -149,12 +149,12 @@ def _cols_batch_stats(x, eps, stats, n_blocks):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_apply(x, alpha, beta, y, n_blocks):
-    """y[r, c] = x[r, c] * alpha[c] + beta[c], blocks of rows in parallel."""
+def _cols_apply(x, alpha, beta, y, n_tasks):
+    """y[r, c] = x[r, c] * alpha[c] + beta[c], `n_tasks` ranges of rows in parallel."""
     n_r, n_c = x.shape
-    per_block = (n_r + n_blocks - 1) // n_blocks
-    for blk in prange(n_blocks):
-        for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+    per_task = (n_r + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        for r in range(task * per_task, min(n_r, (task + 1) * per_task)):
             for c in range(n_c):
                 y[r, c] = x[r, c] * alpha[c] + beta[c]
 
@@ -475,8 +475,11 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_bl
     _sum_groups(db_part, 1, db)
 
 
-def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks):
-    """Per column c of (R, C) = `shape` over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c]."""
+def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks, n_tasks):
+    """Per column c of (R, C) = `shape` over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c].
+
+    Statistics by `n_blocks` row blocks (each with float64 partial sums), the elementwise pass by
+    `n_tasks` row ranges."""
     n_c = shape[1]
     x, y = _at(x, like, shape), _at(y, like, shape)
     w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
@@ -485,10 +488,10 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_bloc
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_apply(x, alpha, beta, y, n_blocks)
+    _cols_apply(x, alpha, beta, y, n_tasks)
 
 
-def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_blocks):
+def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks):
     """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
     n_c = shape[1]
     x, y = _at(x, like, shape), _at(y, like, shape)
@@ -499,12 +502,13 @@ def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, sh
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_apply(x, alpha, beta, y, n_blocks)
+    _cols_apply(x, alpha, beta, y, n_tasks)
 
 
 def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
-                  n_blocks):
-    """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy, and (need_dx) the input grad."""
+                  n_blocks, n_tasks):
+    """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy (by `n_blocks` row blocks), and
+    (need_dx) the input grad (by `n_tasks` row ranges)."""
     n_r, n_c = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
     w, dw, db = _at(w, like, (n_c,)), _at(dw, like, (n_c,)), _at(db, like, (n_c,))
@@ -521,8 +525,9 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like
     z = np.empty(n_c)
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
-        for blk in prange(n_blocks):
-            for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
+        per_task = (n_r + n_tasks - 1) // n_tasks
+        for task in prange(n_tasks):
+            for r in range(task * per_task, min(n_r, (task + 1) * per_task)):
                 for c in range(n_c):
                     dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
 
