@@ -201,16 +201,17 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
     w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
     stats = _at(stats, np.float64, (3, n_m))
     count = n_a * n_j * n_s
+    runs = x.reshape(n_a, n_m, n_j * n_s)  # an item's (j, s) values are one contiguous run
     for m in prange(n_m):
         shift = np.float64(x[0, m, 0, 0])
         s1 = 0.0
         s2 = 0.0
         for a in range(n_a):
-            for j in range(n_j):
-                for s in range(n_s):
-                    d = np.float64(x[a, m, j, s]) - shift
-                    s1 += d
-                    s2 += d * d
+            run = runs[a, m]
+            for i in range(n_j * n_s):
+                d = np.float64(run[i]) - shift
+                s1 += d
+                s2 += d * d
         _finish(s1, s2, shift, count, eps, stats, m)
         mean = stats[0, m]
         rstd = stats[2, m]
