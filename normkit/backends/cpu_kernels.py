@@ -493,17 +493,28 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_bloc
 
 
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks):
-    """Per column c: y = (x - mean[c]) / sqrt(var[c] + eps) * w[c] + b[c]."""
-    n_c = shape[1]
+    """Per column c: y = (x - mean[c]) * alpha[c] + b[c], alpha = w[c] / sqrt(var[c] + eps),
+    elementwise in x's dtype as mid_forward_given (and torch's eval batch norm) computes it."""
+    n_r, n_c = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
     w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
     mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
     stats = _at(stats, np.float64, (3, n_c))
     _given_stats(mean, var, eps, stats)
-    alpha = np.empty(n_c)
-    beta = np.empty(n_c)
-    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_apply(x, alpha, beta, y, n_tasks)
+    mu = np.empty(n_c, dtype=x.dtype)
+    alpha = np.empty(n_c, dtype=x.dtype)
+    beta = np.empty(n_c, dtype=x.dtype)
+    for c in range(n_c):
+        mu[c] = stats[0, c]
+        alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
+        beta[c] = b[c] if has_b else 0.0
+    per_task = (n_r + n_tasks - 1) // n_tasks
+    for task in prange(n_tasks):
+        for r in range(task * per_task, min(n_r, (task + 1) * per_task)):
+            xr = x[r]
+            yr = y[r]
+            for c in range(n_c):
+                yr[c] = (xr[c] - mu[c]) * alpha[c] + beta[c]
 
 
 def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
