@@ -69,6 +69,12 @@ def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _silu_slope(z, sig):
+    """d silu(z) / dz, given sig = sigmoid(z)."""
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
     """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0; with
     `keep` (silu) also d = act'(z), which the backward then reads instead of
@@ -85,8 +91,7 @@ def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
             e = 1.0 + exp(-z[i])
             out_row[i] = z[i] / e
             if keep:
-                sig = 1.0 / e
-                d_row[i] = sig * (1.0 + z[i] * (1.0 - sig))
+                d_row[i] = _silu_slope(z[i], 1.0 / e)
     else:
         for i in range(n):
             out_row[i] = z[i]
@@ -115,8 +120,7 @@ def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
             g[i] = np.float64(dout_row[i]) * d_row[i]
     elif code == 3:
         for i in range(n):
-            sig = 1.0 / (1.0 + exp(-z[i]))
-            g[i] = dout_row[i] * sig * (1.0 + z[i] * (1.0 - sig))
+            g[i] = dout_row[i] * _silu_slope(z[i], 1.0 / (1.0 + exp(-z[i])))
     else:
         for i in range(n):
             g[i] = dout_row[i]
