@@ -33,6 +33,31 @@ def c10_name(dtype: torch.dtype) -> str:
     return _C10_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def plain_batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                          weight: Tensor | None, bias: Tensor | None, training: bool,
+                          eps: float) -> bool:
+    """True for a batch-norm call that passes every check below, found with a few cheap tests:
+    floating non-empty input of at least 2 dims (and more than one value per channel in
+    training), eps > 0, running statistics both given (or both absent in training), each
+    per-channel tensor of x's dtype with one value per channel, running statistics not
+    requiring grad. False says nothing: the full checks then run and raise torch's error."""
+    if eps <= 0.0 or x.dim() < 2 or not x.dtype.is_floating_point:
+        return False
+    channels, numel = x.shape[1], x.numel()
+    if numel == 0 or (training and numel == channels):
+        return False
+    if running_mean is None or running_var is None:
+        if not (training and running_mean is None and running_var is None):
+            return False
+    elif (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+        return False
+    dtype = x.dtype
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.dtype != dtype or t.numel() != channels):
+            return False
+    return True
+
+
 def verify_batch_size(size: Sequence[int]) -> None:
     """ValueError when a channel would be normalized over a single value (size[0]*size[2:])."""
     count = size[0]

@@ -8,6 +8,7 @@ torch would, and hands one "normalize over these dims" call to the backend chose
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -19,6 +20,12 @@ from normkit._layout import dense_in_suggested_format
 from normkit.backends import backend_for
 
 __all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm"]
+
+
+@functools.cache
+def _batch_dims(rank: int) -> tuple[int, ...]:
+    """Every dim of a rank-`rank` input but the channels (dim 1)."""
+    return (0, *range(2, rank))
 
 
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
@@ -70,19 +77,14 @@ def batch_norm(
     if _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
         return _empty_output(input, weight, bias)
     x = dense_in_suggested_format(input)
-    dims = (0,) + tuple(range(2, x.dim()))
-    update = (running_mean, running_var, momentum) if training and running_mean is not None \
-        else None
+    if training:
+        update = None if running_mean is None else (running_mean, running_var, momentum)
+        running_mean = running_var = None
+    else:
+        update = None
     y, _, _ = backend_for(x).normalize(
-        x,
-        weight,
-        bias,
-        dims,
-        eps,
-        None if training else running_mean,
-        None if training else running_var,
-        _channel_shape(x),
-        update,
+        x, weight, bias, _batch_dims(x.dim()), eps, running_mean, running_var,
+        _channel_shape(x), update,
     )
     return y
 
@@ -91,6 +93,9 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
                       eps) -> bool:
     """torch's batch-norm argument checks, in torch's order; True when the input is empty
     (torch then skips the remaining checks and returns an empty result)."""
+    if momentum is not None and _checks.plain_batch_norm_call(
+            input, running_mean, running_var, weight, bias, training, eps):
+        return False
     if training:
         _checks.verify_batch_size(input.size())
     _checks.check_eps(eps, training)

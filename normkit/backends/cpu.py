@@ -110,58 +110,92 @@ def _tasks(rows: int) -> int:
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
 
-def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var) -> tuple[Tensor, Tensor]:
-    """(y, stats) where stats is float64 (3, items): mean, biased var, rstd per item."""
-    k = _kernels(x.numel())
+def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
+    """(kernel, trailing arguments, whether it takes the given statistics' count) of the
+    forward for this plan, x's dtype and statistics given or not; decided once per plan."""
+    key = (x.dtype, given)
+    launch = plan.launches.get(key)
+    if launch is None:
+        k = _kernels(x.numel())
+        tail = (_LIKE[x.dtype], plan.array_shape)
+        if given and plan.kind == "cols":
+            launch = (k.cols_forward_given, (*tail, _tasks(plan.A)), False)
+        elif given:
+            launch = (k.mid_forward_given, (*tail, plan.Wm), True)
+        elif plan.kind == "cols":
+            launch = (k.cols_forward_train, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)),
+                      False)
+        elif _short_rows(plan, x):
+            launch = (k.rowwise_forward_train, (*tail, _row_group(plan, x)), False)
+        elif plan.kind == "mid":
+            launch = (k.mid_forward_train, (*tail, plan.Wm), False)
+        elif plan.kind == "rows":
+            launch = (k.rows_forward_train, tail, False)
+        else:
+            launch = (k.nsc_forward_train, tail, False)
+        plan.launches[key] = launch
+    return launch
+
+
+def _forward(plan: Plan, x: Tensor, weight, bias, eps, mean, var,
+             stats: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(y, stats) where stats is float64 (3, items): mean, biased var, rstd per item (written
+    into `stats` when given)."""
+    kernel, tail, counts_given = _forward_launch(plan, x, mean is not None)
     y = cpu_buffers.empty_like(x)
-    stats = _stats_buffer(plan.items)
+    if stats is None:
+        stats = _stats_buffer(plan.items)
     weight, bias = _dense(weight), _dense(bias)
     params = (x.data_ptr(), _address(weight), _address(bias), weight is not None,
               bias is not None)
-    out = (y.data_ptr(), stats.data_ptr(), _LIKE[x.dtype], plan.array_shape)
-    if mean is not None:
-        mean, var = _dense(mean), _dense(var)
-        given = (mean.data_ptr(), var.data_ptr())
-        if plan.kind == "cols":
-            k.cols_forward_given(*params, *given, eps, *out, _tasks(plan.A))
-        else:
-            k.mid_forward_given(*params, *given, mean.numel(), eps, *out, plan.Wm)
-    elif plan.kind == "cols":
-        k.cols_forward_train(*params, eps, *out, _blocks(plan.A, plan.M), _tasks(plan.A))
-    elif _short_rows(plan, x):
-        k.rowwise_forward_train(*params, eps, *out, _row_group(plan, x))
-    elif plan.kind == "mid":
-        k.mid_forward_train(*params, eps, *out, plan.Wm)
-    elif plan.kind == "rows":
-        k.rows_forward_train(*params, eps, *out)
+    if mean is None:
+        kernel(*params, eps, y.data_ptr(), stats.data_ptr(), *tail)
     else:
-        k.nsc_forward_train(*params, eps, *out)
+        mean, var = _dense(mean), _dense(var)
+        given = (mean.data_ptr(), var.data_ptr(), mean.numel()) if counts_given else \
+            (mean.data_ptr(), var.data_ptr())
+        kernel(*params, *given, eps, y.data_ptr(), stats.data_ptr(), *tail)
     return y, stats
+
+
+def _backward_launch(plan: Plan, x: Tensor) -> tuple:
+    """(kernel, whether it takes batch_stats, trailing arguments) of the backward for this
+    plan and x's dtype; decided once per plan."""
+    key = (x.dtype, "backward")
+    launch = plan.launches.get(key)
+    if launch is None:
+        k = _kernels(x.numel())
+        tail = (_LIKE[x.dtype], plan.array_shape)
+        if plan.kind == "cols":
+            launch = (k.cols_backward, True, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)))
+        elif plan.kind == "rows":
+            launch = (k.rows_backward, False, (*tail, _blocks(plan.M, plan.J)))
+        elif plan.kind == "nsc":
+            launch = (k.nsc_backward, False, tail)
+        elif _short_rows(plan, x):
+            launch = (k.rowwise_backward, True, (*tail, _row_group(plan, x)))
+        else:
+            launch = (k.mid_backward, True, (*tail, plan.Wm))
+        plan.launches[key] = launch
+    return launch
 
 
 def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
               batch_stats: bool, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """(dx, dw, db); dw / db have x's dtype and the plan's weight shape (summed over the
     dims the weight is broadcast along)."""
-    k = _kernels(x.numel())
+    kernel, takes_batch_stats, tail = _backward_launch(plan, x)
     dy = with_strides_of(dy, x)
     dx = cpu_buffers.empty_like(x) if need_dx else None
     dw = torch.empty(plan.weight_shape, dtype=x.dtype)  # torch-owned: they become .grad
     db = torch.empty_like(dw)
     weight = _dense(weight)
     args = (x.data_ptr(), dy.data_ptr(), _address(weight), weight is not None, stats.data_ptr())
-    out = (need_dx, _address(dx), dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype],
-           plan.array_shape)
-    if plan.kind == "cols":
-        k.cols_backward(*args, batch_stats, *out, _blocks(plan.A, plan.M), _tasks(plan.A))
-    elif plan.kind == "rows":
-        k.rows_backward(*args, *out, _blocks(plan.M, plan.J))
-    elif plan.kind == "nsc":
-        k.nsc_backward(*args, *out)
-    elif _short_rows(plan, x):
-        k.rowwise_backward(*args, batch_stats, *out, _row_group(plan, x))
+    out = (need_dx, _address(dx), dw.data_ptr(), db.data_ptr())
+    if takes_batch_stats:
+        kernel(*args, batch_stats, *out, *tail)
     else:
-        k.mid_backward(*args, batch_stats, *out, plan.Wm)
+        kernel(*args, *out, *tail)
     return dx, dw, db
 
 
@@ -170,21 +204,22 @@ def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
 
 
 class _CpuNormalize(torch.autograd.Function):
-    """`reference._Normalize`'s contract, computed by the numba kernels: (y, stats)."""
+    """y of `reference.normalize`, computed by the numba kernels; the statistics go into the
+    call's float64 (3, items) buffer, which backward reads (it is no output: autograd keeps
+    no record of it)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, call):
-        plan, _, eps, mean, var, _ = call
-        y, stats = _forward(plan, x, weight, bias, eps, mean, var)
-        ctx.save_for_backward(x, weight, bias, stats)
+        plan, _, eps, mean, var, _, stats = call
+        y, _ = _forward(plan, x, weight, bias, eps, mean, var, stats)
+        ctx.save_for_backward(x, weight, bias)
         ctx.call = call
-        ctx.mark_non_differentiable(stats)
-        return y, stats
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dstats):
-        x, weight, bias, stats = ctx.saved_tensors
-        plan, dims, eps, mean, _, shape = ctx.call
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        plan, dims, eps, mean, _, shape, stats = ctx.call
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
             stat_shape = _stat_shape(x, dims)
@@ -195,9 +230,11 @@ class _CpuNormalize(torch.autograd.Function):
             )
         else:
             dx, dw, db = _backward(plan, x, dy, weight, stats, mean is None, need_dx)
-        dw = None if weight is None else dw.view(weight.shape)
-        db = None if bias is None else db.view(bias.shape)
-        return dx, dw, db, None
+        if weight is not None and dw.shape != weight.shape:
+            dw = dw.view(weight.shape)
+        if bias is not None and db.shape != bias.shape:
+            db = db.view(bias.shape)
+        return dx, (dw if weight is not None else None), (db if bias is not None else None), None
 
 
 def normalize(
@@ -218,7 +255,8 @@ def normalize(
     if torch.compiler.is_compiling():
         y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
-        y, stats = _CpuNormalize.apply(x, weight, bias, (plan, dims, eps, mean, var, shape))
+        stats = _stats_buffer(plan.items)
+        y = _CpuNormalize.apply(x, weight, bias, (plan, dims, eps, mean, var, shape, stats))
     else:
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
     if mean is not None:
@@ -260,25 +298,26 @@ def _plan(x, weight, bias, dims, mean, var, shape) -> Plan | None:
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          count: int, momentum: float) -> None:
     """`reference.update_running_stats`, in a kernel for float32/float64 CPU buffers."""
-    _update_from_stats(running_mean, running_var, torch.stack((mean, var)), count, momentum)
+    stats = torch.stack((mean, var)).to(torch.float64)
+    _update_from_stats(running_mean, running_var, stats, count, momentum)
 
 
 def _update_from_stats(running_mean: Tensor, running_var: Tensor, stats: Tensor, count: int,
                        momentum: float) -> None:
-    """Move the running buffers towards rows 0 (mean) and 1 (biased var) of `stats`."""
-    if (torch.compiler.is_compiling() or running_mean.requires_grad
-            or running_var.requires_grad or not _kernel_buffers(running_mean, running_var,
-                                                                stats.shape[1])):
+    """Move the running buffers towards rows 0 (mean) and 1 (biased var) of the contiguous
+    float64 `stats`."""
+    if (running_mean.requires_grad or running_var.requires_grad
+            or torch.compiler.is_compiling()
+            or not _kernel_buffers(running_mean, running_var, stats.shape[1])):
         reference.update_running_stats(running_mean, running_var, stats[0], stats[1], count,
                                        momentum)
         return
-    stats = stats.to(torch.float64).contiguous()
     correction = count / (count - 1) if count > 1 else 1.0
-    n = running_mean.numel()
+    address = stats.data_ptr()
     _kernel_module().running_update(running_mean.data_ptr(), running_var.data_ptr(),
-                                    _LIKE[running_mean.dtype], stats.data_ptr(),
-                                    stats.data_ptr() + 8 * stats.shape[1], n, momentum,
-                                    correction)
+                                    _LIKE[running_mean.dtype], address,
+                                    address + 8 * stats.shape[1], running_mean.numel(),
+                                    momentum, correction)
     increment_version((running_mean, running_var))  # autograd must see the in-place update
 
 

@@ -34,6 +34,9 @@ class Plan:
     array_shape: tuple[int, ...] = field(init=False)
     weight_shape: tuple[int, ...] = field(init=False)
     items: int = field(init=False)  # number of (mean, var) pairs produced
+    # What a backend decided for this plan (kernel, launch sizes), keyed as it likes: plans are
+    # cached per call shape, so the decision is made once per shape, not once per call.
+    launches: dict = field(init=False, compare=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         shapes = {
