@@ -227,6 +227,7 @@ def instance_norm(
         None if use_input_stats else running_mean,
         None if use_input_stats else running_var,
         _channel_shape(x),
+        with_stats=True,
     )
     if use_input_stats and running_mean is not None:
         # NOTE: the running statistics follow the instance statistics averaged over the batch.

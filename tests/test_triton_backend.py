@@ -153,7 +153,7 @@ def _against_reference(x, weight, bias, dims, shape, mean=None, var=None, tol=1e
         leaves = [None if t is None else t.detach().clone().to(DEVICE).requires_grad_()
                   for t in (x, weight, bias)]
         given = [None if t is None else t.to(DEVICE) for t in (mean, var)]
-        y, m, v = backend.normalize(*leaves, dims, 1e-5, *given, shape)
+        y, m, v = backend.normalize(*leaves, dims, 1e-5, *given, shape, with_stats=True)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
         y.backward(dy.to(DEVICE))
         results.append([y, m, v] + [None if t is None else t.grad for t in leaves])

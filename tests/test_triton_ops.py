@@ -57,7 +57,8 @@ def test_operator_matches_the_eager_launch(name):
                 mean = stats[0]
             else:
                 y, mean, _ = gpu.normalize(xi, wi.view(shape) if shape else wi,
-                                           bi.view(shape) if shape else bi, dims, 1e-5)
+                                           bi.view(shape) if shape else bi, dims, 1e-5,
+                                           with_stats=True)
             y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device)
                        .view(y.shape))
             results.append((y, mean, xi.grad, wi.grad, bi.grad))

@@ -247,11 +247,13 @@ def normalize(
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_stats: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`reference.normalize`, on the numba kernels when a plan covers the call."""
     plan = _plan(x, weight, bias, dims, mean, var, shape)
     if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
+                                   with_stats)
     if torch.compiler.is_compiling():
         y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
@@ -259,12 +261,12 @@ def normalize(
         y = _CpuNormalize.apply(x, weight, bias, (plan, dims, eps, mean, var, shape, stats))
     else:
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
-    if mean is not None:
-        return y, mean, var
-    if running is not None:
+    if running is not None and mean is None:
         running_mean, running_var, momentum = running
         _update_from_stats(running_mean, running_var, stats, x.numel() // plan.items, momentum)
-    return y, stats[0], stats[1]
+    if not with_stats:
+        return y, None, None
+    return (y, mean, var) if mean is not None else (y, stats[0], stats[1])
 
 
 def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):

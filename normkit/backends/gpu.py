@@ -84,39 +84,43 @@ def _stats_outputs(stats: Tensor | None, mean, var) -> tuple[Tensor, Tensor]:
 
 
 class _TritonNormalize(torch.autograd.Function):
-    """`reference._Normalize`'s contract, computed by the Triton kernels."""
+    """y of `reference.normalize`, computed by the Triton kernels; the statistics (or, for
+    given statistics, the coefficients) stay in ctx for backward, and reach the caller through
+    `call`'s last slot (they are no output: autograd keeps no record of them)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, dims, eps, plan, shape, running):
+    def forward(ctx, x, weight, bias, call):
+        plan, _, eps, mean, var, _, running, out = call
         y, stats, coef = _launch().forward(plan, x, weight, bias, eps, mean, var, running)
-        ctx.save_for_backward(x, weight, bias, stats, coef)
-        ctx.dims, ctx.eps, ctx.plan, ctx.shape = dims, eps, plan, shape
-        mean_out, var_out = _stats_outputs(stats, mean, var)
-        ctx.mark_non_differentiable(mean_out, var_out)
-        return y, mean_out, var_out
+        ctx.save_for_backward(x, weight, bias)
+        ctx.call, ctx.stats, ctx.coef = call, stats, coef
+        out.append(stats)
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, bias, stats, coef = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        stats, coef = ctx.stats, ctx.coef
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
-            dx, dw, db = _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx)
+            dx, dw, db = _reference_backward(ctx.call, dy, x, weight, bias, stats, coef, need_dx)
         else:
-            dx, dw, db = _launch().backward(ctx.plan, x, with_strides_of(dy, x), weight, stats,
-                                            coef, need_dx)
+            dx, dw, db = _launch().backward(ctx.call[0], x, with_strides_of(dy, x), weight,
+                                            stats, coef, need_dx)
         dw = None if weight is None else dw.reshape(weight.shape).to(weight.dtype)
         db = None if bias is None else db.reshape(bias.shape).to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None
 
 
-def _reference_backward(ctx, dy, x, weight, bias, stats, coef, need_dx):
+def _reference_backward(call, dy, x, weight, bias, stats, coef, need_dx):
     """Differentiable backward (create_graph=True) from the saved statistics."""
-    stat_shape = [1 if i in ctx.dims else n for i, n in enumerate(x.shape)]
+    _, dims, eps, _, _, shape, _, _ = call
+    stat_shape = [1 if i in dims else n for i, n in enumerate(x.shape)]
     # Given statistics have one sub per item (J == 1): the coefficients hold mean and rstd.
     mean, rstd = (coef[0], coef[2]) if stats is None else (stats[0], stats[2])
-    w, b = (t if t is None or ctx.shape is None else t.view(ctx.shape) for t in (weight, bias))
+    w, b = (t if t is None or shape is None else t.view(shape) for t in (weight, bias))
     return reference.differentiable_backward(
-        dy, x, w, b, mean.view(stat_shape), rstd.view(stat_shape), ctx.dims, ctx.eps,
+        dy, x, w, b, mean.view(stat_shape), rstd.view(stat_shape), dims, eps,
         stats is not None, need_dx)
 
 
@@ -130,28 +134,34 @@ def normalize(
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_stats: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`reference.normalize`, on the Triton kernels when a plan covers the call; a BatchNorm
     running-statistics update rides in the statistics kernels."""
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running)
+        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
+                                   with_stats)
     if torch.compiler.is_compiling():
         out = _traced_normalize(plan, x, weight, bias, eps, mean, var)
         reference.update_after(running, out[1], out[2], x.numel(), update_running_stats)
-        return out
+        return out if with_stats else (out[0], None, None)
     fused = running if _fusable(running, plan, x) else None
     if reference.needs_grad(x, weight, bias):
-        y, mean_out, var_out = _TritonNormalize.apply(x, weight, bias, mean, var, dims, eps,
-                                                      plan, shape, fused)
+        out: list = []
+        y = _TritonNormalize.apply(x, weight, bias,
+                                   (plan, dims, eps, mean, var, shape, fused, out))
+        stats = out[0]
     else:
         y, stats, _ = _launch().forward(plan, x, weight, bias, eps, mean, var, fused)
-        mean_out, var_out = _stats_outputs(stats, mean, var)
     if fused is not None:
         torch.autograd.graph.increment_version(fused[:2])
-    else:
-        reference.update_after(running, mean_out, var_out, x.numel(), update_running_stats)
-    return y, mean_out, var_out
+    elif running is not None:
+        reference.update_after(running, *_stats_outputs(stats, mean, var), x.numel(),
+                               update_running_stats)
+    if not with_stats:
+        return y, None, None
+    return (y, *_stats_outputs(stats, mean, var))
 
 
 def _ops_available() -> bool:

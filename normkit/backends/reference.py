@@ -133,9 +133,11 @@ def normalize(
     var: Tensor | None = None,
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_stats: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Normalize dense `x` over `dims`; returns (y, mean, biased var), one statistic per
-    normalized item, flattened (shape (items,), items in x's order).
+    normalized item, flattened (shape (items,), items in x's order); mean and var are None
+    unless `with_stats` (making them costs the fast backends microseconds per call).
 
     `weight`, `bias` and the optional given `mean` / `var` broadcast against `x` once viewed as
     `shape` (as they are when `shape` is None). Given statistics replace the batch statistics
@@ -151,7 +153,7 @@ def normalize(
     if mean is None:
         batch_mean, batch_var = batch_mean.reshape(-1), batch_var.reshape(-1)
     update_after(running, batch_mean, batch_var, x.numel(), update_running_stats)
-    return y, batch_mean, batch_var
+    return (y, batch_mean, batch_var) if with_stats else (y, None, None)
 
 
 def update_after(running, mean: Tensor, var: Tensor, numel: int, update) -> None:
