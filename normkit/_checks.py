@@ -58,6 +58,23 @@ def plain_batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: T
     return True
 
 
+def plain_group_norm_call(x: Tensor, num_groups, weight: Tensor | None,
+                          bias: Tensor | None) -> bool:
+    """True for a group-norm call that passes every GroupNorm check, found with a few cheap
+    tests (non-empty floating input of at least 2 dims, an int number of groups dividing the
+    channels, more than one value per group, weight / bias vectors of x's dtype with one value
+    per channel). False says nothing: the full checks then run and raise torch's error."""
+    if type(num_groups) is not int or num_groups <= 0 or x.dim() < 2:
+        return False
+    channels, numel, dtype = x.shape[1], x.numel(), x.dtype
+    if not dtype.is_floating_point or channels % num_groups or numel in (0, num_groups):
+        return False
+    for t in (weight, bias):
+        if t is not None and (t.dtype != dtype or t.dim() != 1 or t.numel() != channels):
+            return False
+    return True
+
+
 def verify_batch_size(size: Sequence[int]) -> None:
     """ValueError when a channel would be normalized over a single value (size[0]*size[2:])."""
     count = size[0]

@@ -155,7 +155,7 @@ def batch_norm_act(
         out = _empty_output(input, weight, bias)
         return reference_act(out if residual is None else out + residual, act, negative_slope)
     x = dense_in_suggested_format(input)
-    if residual is not None:
+    if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     return backend_for(x).batch_norm_act(
         x, weight, bias, residual, running_mean, running_var, training, momentum, eps, act,
@@ -257,6 +257,18 @@ def group_norm(
         return handle_torch_function(
             group_norm, (input, weight, bias), input, num_groups, weight=weight, bias=bias, eps=eps
         )
+    if not _checks.plain_group_norm_call(input, num_groups, weight, bias):
+        _check_group_norm(input, num_groups, weight, bias)
+
+    x = dense_in_suggested_format(input)
+    dims, param_shape = _grouped_layout(x.dim(), x.shape[1], num_groups)
+    y, _, _ = backend_for(x).normalize(x, weight, bias, dims, eps, shape=param_shape,
+                                       groups=num_groups)
+    return y
+
+
+def _check_group_norm(input, num_groups, weight, bias) -> None:
+    """torch's group-norm argument checks, in torch's order."""
     if input.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {input.dim()}"
@@ -267,14 +279,14 @@ def group_norm(
     _checks.check_group_norm_args(input, num_groups, weight, bias)
     _checks.check_dtypes("GroupNormKernelImpl", input, weight, bias, dispatch_first=False)
 
-    x = dense_in_suggested_format(input)
-    channels = x.shape[1]
-    grouped = x.unflatten(1, (num_groups, channels // num_groups))
-    param_shape = (1, num_groups, channels // num_groups) + (1,) * (x.dim() - 2)
-    y, _, _ = backend_for(x).normalize(
-        grouped, weight, bias, tuple(range(2, grouped.dim())), eps, shape=param_shape
-    )
-    return y.flatten(1, 2)
+
+@functools.cache
+def _grouped_layout(rank: int, channels: int, groups: int) -> tuple[tuple[int, ...],
+                                                                    tuple[int, ...]]:
+    """GroupNorm on the view (N, G, C/G, *spatial) of a rank-`rank` input: the normalized
+    dims of that view and the shape its weight / bias broadcast in."""
+    return (tuple(range(2, rank + 1)),
+            (1, groups, channels // groups) + (1,) * (rank - 2))
 
 
 @follows_autocast(("cuda",))

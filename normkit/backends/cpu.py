@@ -199,8 +199,21 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
     return dx, dw, db
 
 
-def _stat_shape(x: Tensor, dims: tuple[int, ...]) -> list[int]:
-    return [1 if i in dims else n for i, n in enumerate(x.shape)]
+def _differentiable_backward(call, x, dy, weight, bias, need_dx):
+    """The reference's create_graph=True backward from the saved statistics (x and dy in the
+    grouped view when the call has groups)."""
+    _, dims, eps, mean, _, shape, stats, groups = call
+    if groups is not None:
+        x, dy = (t.unflatten(1, (groups, t.shape[1] // groups)) for t in (x, dy))
+    stat_shape = [1 if i in dims else n for i, n in enumerate(x.shape)]
+    w, b = (t if t is None or shape is None else t.view(shape) for t in (weight, bias))
+    dx, dw, db = reference.differentiable_backward(
+        dy, x, w, b, stats[0].view(stat_shape), stats[2].view(stat_shape), dims, eps,
+        mean is None, need_dx,
+    )
+    if groups is not None and dx is not None:
+        dx = dx.flatten(1, 2)
+    return dx, dw, db
 
 
 class _CpuNormalize(torch.autograd.Function):
@@ -210,7 +223,7 @@ class _CpuNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, call):
-        plan, _, eps, mean, var, _, stats = call
+        plan, _, eps, mean, var, _, stats, _ = call
         y, _ = _forward(plan, x, weight, bias, eps, mean, var, stats)
         ctx.save_for_backward(x, weight, bias)
         ctx.call = call
@@ -219,15 +232,10 @@ class _CpuNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias = ctx.saved_tensors
-        plan, dims, eps, mean, _, shape, stats = ctx.call
+        plan, dims, eps, mean, _, shape, stats, groups = ctx.call
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():
-            stat_shape = _stat_shape(x, dims)
-            w, b = (t if t is None or shape is None else t.view(shape) for t in (weight, bias))
-            dx, dw, db = reference.differentiable_backward(
-                dy, x, w, b, stats[0].view(stat_shape), stats[2].view(stat_shape), dims, eps,
-                mean is None, need_dx,
-            )
+            dx, dw, db = _differentiable_backward(ctx.call, x, dy, weight, bias, need_dx)
         else:
             dx, dw, db = _backward(plan, x, dy, weight, stats, mean is None, need_dx)
         if weight is not None and dw.shape != weight.shape:
@@ -248,17 +256,20 @@ def normalize(
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
     with_stats: bool = False,
+    groups: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`reference.normalize`, on the numba kernels when a plan covers the call."""
-    plan = _plan(x, weight, bias, dims, mean, var, shape)
+    """`reference.normalize`, on the numba kernels when a plan covers the call (with `groups`
+    the kernels read x's memory as the grouped view: autograd sees x itself, no views)."""
+    plan = _plan(x, weight, bias, dims, mean, var, shape, groups)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
-                                   with_stats)
+                                   with_stats, groups)
     if torch.compiler.is_compiling():
         y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
         stats = _stats_buffer(plan.items)
-        y = _CpuNormalize.apply(x, weight, bias, (plan, dims, eps, mean, var, shape, stats))
+        y = _CpuNormalize.apply(x, weight, bias,
+                                (plan, dims, eps, mean, var, shape, stats, groups))
     else:
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
     if running is not None and mean is None:
@@ -277,7 +288,7 @@ def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
     return cpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
 
 
-def _plan(x, weight, bias, dims, mean, var, shape) -> Plan | None:
+def _plan(x, weight, bias, dims, mean, var, shape, groups=None) -> Plan | None:
     """The kernels' plan for the call: float32/float64 CPU data, parameters and given
     statistics of the same dtype on the CPU; None otherwise."""
     dtype = x.dtype
@@ -290,8 +301,9 @@ def _plan(x, weight, bias, dims, mean, var, shape) -> Plan | None:
     param_shape = None
     if param is not None:
         shape = param.shape if shape is None else shape
-        param_shape = (1,) * (x.dim() - len(shape)) + tuple(shape)
-    plan = plan_for(x, dims, param_shape)
+        rank = x.dim() + (groups is not None)
+        param_shape = (1,) * (rank - len(shape)) + tuple(shape)
+    plan = plan_for(x, dims, param_shape, groups)
     if plan is None or (mean is not None and plan.kind not in ("mid", "cols")):
         return None  # no op normalizes rows / grouped channels_last with given statistics
     return plan

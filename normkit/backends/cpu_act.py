@@ -12,6 +12,8 @@ act'(z) being recomputed (two more exponentials per element).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -38,8 +40,7 @@ def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     """The BatchNorm plan of x when the fused kernels cover the call, else None."""
     if act not in ACT_CODES:
         return None
-    dims = (0,) + tuple(range(2, x.dim()))
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    dims, shape = _batch_layout(x.dim(), x.shape[1])
     plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape)
     if plan is None or plan.kind not in ("mid", "cols"):
         return None
@@ -47,6 +48,15 @@ def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     if any(t.device.type != "cpu" for t in others):
         return None
     return plan
+
+
+@functools.cache
+def _batch_layout(rank: int, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """BatchNorm of a rank-`rank` input: its normalized dims and its weight's shape."""
+    return (0, *range(2, rank)), (1, channels) + (1,) * (rank - 2)
+
+
+_NO_BITS = torch.zeros((1, 1, 1), dtype=torch.uint8)  # the mask of acts that keep none (read-only)
 
 
 def _bits_shape(plan: Plan, code: int) -> tuple[int, int, int]:
@@ -69,7 +79,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         out = cpu_buffers.empty_like(x)
         stats = cpu._stats_buffer(plan.M)
         bits_shape = _bits_shape(plan, code)
-        bits = torch.empty(bits_shape, dtype=torch.uint8)
+        bits = torch.empty(bits_shape, dtype=torch.uint8) if code in (1, 2) else _NO_BITS
         keep = code == 3 and not memory_efficient
         deriv = cpu_buffers.empty_like(x) if keep else None
         weight, bias = cpu._dense(weight), cpu._dense(bias)

@@ -135,9 +135,14 @@ def normalize(
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
     with_stats: bool = False,
+    groups: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`reference.normalize`, on the Triton kernels when a plan covers the call; a BatchNorm
     running-statistics update rides in the statistics kernels."""
+    if groups is not None:
+        y, mean, var = normalize(x.unflatten(1, (groups, x.shape[1] // groups)), weight, bias,
+                                 dims, eps, mean, var, shape, running, with_stats)
+        return y.flatten(1, 2), mean, var
     plan = _plan(x, weight, bias, dims, mean, shape)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,

@@ -110,9 +110,22 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...], dims: tuple[int, ...
     return Plan("mid", 1, rows, inner, rest, w_rows)
 
 
-def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None) -> Plan | None:
+def grouped(shape: tuple[int, ...], strides: tuple[int, ...],
+            groups: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shape and strides of `x.unflatten(1, (groups, C // groups))` for x of these."""
+    per_group = shape[1] // groups
+    return ((shape[0], groups, per_group, *shape[2:]),
+            (strides[0], strides[1] * per_group, strides[1], *strides[2:]))
+
+
+def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | None,
+             groups: int | None = None) -> Plan | None:
     """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`
-    (right-aligned to x's rank), or None."""
+    (right-aligned to x's rank), or None. With `groups`, x's dim 1 counts as the two dims
+    (groups, C // groups), as `grouped` says, and dims / param_shape refer to that view."""
+    shape, strides = x.shape, x.stride()
+    if groups is not None:
+        shape, strides = grouped(shape, strides, groups)
     if torch.compiler.is_compiling():  # traced code calls the plain function
-        return _plan.__wrapped__(tuple(x.shape), tuple(x.stride()), dims, param_shape)
-    return _plan(x.shape, x.stride(), dims, param_shape)
+        return _plan.__wrapped__(tuple(shape), tuple(strides), dims, param_shape)
+    return _plan(shape, strides, dims, param_shape)

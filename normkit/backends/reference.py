@@ -134,6 +134,7 @@ def normalize(
     shape: tuple[int, ...] | None = None,
     running: tuple[Tensor, Tensor, float] | None = None,
     with_stats: bool = False,
+    groups: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Normalize dense `x` over `dims`; returns (y, mean, biased var), one statistic per
     normalized item, flattened (shape (items,), items in x's order); mean and var are None
@@ -144,8 +145,13 @@ def normalize(
     and are returned as passed. `y` has the dtype and the strides of `x`; the gradients of
     weight and bias have their own shapes. `running` = (running_mean, running_var, momentum),
     one entry per item (BatchNorm training): the buffers move towards the batch statistics
-    as `update_running_stats` says.
+    as `update_running_stats` says. With `groups` (GroupNorm), x's dim 1 is split into
+    (groups, C // groups): `dims` and `shape` refer to that view, y has x's shape.
     """
+    if groups is not None:
+        y, mean, var = normalize(x.unflatten(1, (groups, x.shape[1] // groups)), weight, bias,
+                                 dims, eps, mean, var, shape, running, with_stats)
+        return y.flatten(1, 2), mean, var
     if shape is not None:
         weight, bias, mean, var = (None if t is None else t.view(shape)
                                    for t in (weight, bias, mean, var))

@@ -23,8 +23,9 @@ class BatchNormActForward:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats, factor = self._batch_norm_arguments()
+        weight, bias = self._affine()
         return F.batch_norm_act(
-            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
+            input, running_mean, running_var, weight, bias, use_batch_stats, factor,
             self.eps, self.act, self.negative_slope, residual, self.memory_efficient,
         )
 
