@@ -5,7 +5,7 @@ import torch
 
 import normkit
 import normkit.functional as nF
-from normkit.backends import backend_for, cpu, reference
+from normkit.backends import backend_for, cpu, cpu_kernels, reference
 from normkit.backends.plan import plan_for
 
 
@@ -155,14 +155,17 @@ def test_group_norm_channels_last_plan():
     assert torch.equal(memory.view(plan.array_shape), as_planned)
 
 
-def test_short_row_kernels_by_channel_blocks(monkeypatch):
+@pytest.mark.parametrize("spatial", [(5, 6), (12, 12)])
+def test_short_row_kernels_by_channel_blocks(monkeypatch, spatial):
     """BatchNorm with rows shorter than a page runs by blocks of channels: one channel, blocks
     that do not divide the channel count, all channels; every blocking gives the same bits,
-    and the reference's values."""
-    x0 = torch.randn(5, 7, 5, 6, dtype=torch.float64) * 3 + 1
+    and the reference's values. Rows of 30 elements are summed four samples at a time (5
+    samples: one group of four and one left over), rows of 144 one by one."""
+    x0 = torch.randn(5, 7, *spatial, dtype=torch.float64) * 3 + 1
     w0, b0 = torch.linspace(0.5, 1.5, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     dy = torch.randn_like(x0)
-    channel_bytes = 5 * 5 * 6 * x0.element_size()
+    channel_bytes = 5 * spatial[0] * spatial[1] * x0.element_size()
+    assert (spatial[0] * spatial[1] < cpu_kernels.SAMPLE_QUADS_BELOW) == (spatial == (5, 6))
     plan = plan_for(x0, (0, 2, 3), (1, 7, 1, 1))
     assert cpu._short_rows(plan, x0)
     results = []

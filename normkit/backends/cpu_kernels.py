@@ -270,6 +270,67 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, l
                 i = 0
 
 
+# Rows shorter than this many elements are summed four samples at a time (one reduction per
+# four rows: each row's own reduction costs about as much as its elements at 7x7; measured
+# 0.26 -> 0.17 ns per element at 49 elements, no gain at 196, a loss at 784).
+SAMPLE_QUADS_BELOW = 128
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _row_sums(x, g, a, n_rows, m, center, use_g):
+    """Sums over rows x[a .. a+n_rows-1, m, 0, :] (n_rows 1 or 4), with d = x - center:
+    (Σd, Σd²), or with use_g (Σg, Σg·d) for the rows of g."""
+    r1 = 0.0
+    r2 = 0.0
+    if n_rows == 4:
+        x0, x1, x2, x3 = x[a, m, 0], x[a + 1, m, 0], x[a + 2, m, 0], x[a + 3, m, 0]
+        g0, g1, g2, g3 = g[a, m, 0], g[a + 1, m, 0], g[a + 2, m, 0], g[a + 3, m, 0]
+        for s in range(x0.shape[0]):
+            d0 = np.float64(x0[s]) - center
+            d1 = np.float64(x1[s]) - center
+            d2 = np.float64(x2[s]) - center
+            d3 = np.float64(x3[s]) - center
+            if use_g:
+                e0 = np.float64(g0[s])
+                e1 = np.float64(g1[s])
+                e2 = np.float64(g2[s])
+                e3 = np.float64(g3[s])
+                r1 += (e0 + e1) + (e2 + e3)
+                r2 += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
+            else:
+                r1 += (d0 + d1) + (d2 + d3)
+                r2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    else:
+        xr, gr = x[a, m, 0], g[a, m, 0]
+        for s in range(xr.shape[0]):
+            d = np.float64(xr[s]) - center
+            if use_g:
+                e = np.float64(gr[s])
+                r1 += e
+                r2 += e * d
+            else:
+                r1 += d
+                r2 += d * d
+    return r1, r2
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_row_sums(x, g, m0, m1, centers, s1, s2, use_g):
+    """s1[m - m0], s2[m - m0] += `_row_sums` of every sample's row m, for m in m0..m1-1,
+    walking the block sample by sample (its rows in memory order); by four samples at a time
+    when rows are shorter than SAMPLE_QUADS_BELOW. `centers[m - m0]` is row m's center."""
+    n_a = x.shape[0]
+    step = 4 if x.shape[3] < SAMPLE_QUADS_BELOW else 1
+    a = 0
+    while a < n_a:
+        n_rows = step if a + step <= n_a else 1
+        for m in range(m0, m1):
+            r1, r2 = _row_sums(x, g, a, n_rows, m, centers[m - m0], use_g)
+            s1[m - m0] += r1
+            s2[m - m0] += r2
+        a += n_rows
+
+
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group):
     """mid_forward_train for BatchNorm with short rows (A, M, 1, S), by blocks of `group`
     consecutive channels.
@@ -287,19 +348,12 @@ def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, gro
         m1 = min(n_m, m0 + group)
         s1 = np.zeros(m1 - m0)
         s2 = np.zeros(m1 - m0)
-        for a in range(n_a):
-            for m in range(m0, m1):
-                shift = np.float64(x[0, m, 0, 0])
-                r1 = 0.0
-                r2 = 0.0
-                for s in range(n_s):
-                    d = np.float64(x[a, m, 0, s]) - shift
-                    r1 += d
-                    r2 += d * d
-                s1[m - m0] += r1
-                s2[m - m0] += r2
+        shifts = np.empty(m1 - m0)
         for m in range(m0, m1):
-            _finish(s1[m - m0], s2[m - m0], np.float64(x[0, m, 0, 0]), n_a * n_s, eps, stats, m)
+            shifts[m - m0] = x[0, m, 0, 0]
+        _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
+        for m in range(m0, m1):
+            _finish(s1[m - m0], s2[m - m0], shifts[m - m0], n_a * n_s, eps, stats, m)
         for a in range(n_a):
             for m in range(m0, m1):
                 alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
@@ -324,17 +378,7 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, l
         m1 = min(n_m, m0 + group)
         sdy = np.zeros(m1 - m0)
         sdyx = np.zeros(m1 - m0)
-        for a in range(n_a):
-            for m in range(m0, m1):
-                mu = stats[0, m]
-                r1 = 0.0
-                r2 = 0.0
-                for s in range(n_s):
-                    d = np.float64(dy[a, m, 0, s])
-                    r1 += d
-                    r2 += d * (np.float64(x[a, m, 0, s]) - mu)
-                sdy[m - m0] += r1
-                sdyx[m - m0] += r2
+        _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True)
         p = np.empty(m1 - m0)
         q = np.empty(m1 - m0)
         z = np.empty(m1 - m0)
