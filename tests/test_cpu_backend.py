@@ -271,3 +271,27 @@ def test_row_blocks_of_partial_sums(monkeypatch, call, min_rows, partial_bytes, 
         runs[name] = got
     for a, e in zip(runs["cpu"], runs["reference"]):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [15, 16])
+def test_wide_rows_in_pairs(rows):
+    """channels_last BatchNorm with at least PAIR_ROWS_COLUMNS channels: the elementwise passes
+    take two rows per coefficient load (an odd row count leaves one row alone); forward and
+    backward equal the reference's."""
+    channels = cpu_kernels.PAIR_ROWS_COLUMNS
+    gen = torch.Generator().manual_seed(9)
+    x0 = (torch.randn(rows, channels, 1, 1, generator=gen, dtype=torch.float64) * 2 + 3)
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    w0 = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    b0 = torch.randn(channels, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    runs = []
+    for name in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        with normkit.use_backend(name):
+            y = nF.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
+        assert name == "reference" or _kernel_ran(y)
+        y.backward(dy)
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    for a, e in zip(*runs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

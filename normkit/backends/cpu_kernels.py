@@ -148,15 +148,34 @@ def _cols_batch_stats(x, eps, stats, n_blocks):
     _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
 
 
+# From this many columns on, the elementwise passes take two rows per load of the float64
+# per-column coefficients (2048 columns: 16 KB per coefficient array, more than L1 holds
+# beside the rows; measured 17-23 % faster there, slower at 1024 and below).
+PAIR_ROWS_COLUMNS = 2048
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _cols_apply(x, alpha, beta, y, n_tasks):
     """y[r, c] = x[r, c] * alpha[c] + beta[c], `n_tasks` ranges of rows in parallel."""
     n_r, n_c = x.shape
     per_task = (n_r + n_tasks - 1) // n_tasks
+    step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
     for task in prange(n_tasks):
-        for r in range(task * per_task, min(n_r, (task + 1) * per_task)):
-            for c in range(n_c):
-                y[r, c] = x[r, c] * alpha[c] + beta[c]
+        r = task * per_task
+        end = min(n_r, (task + 1) * per_task)
+        while r < end:
+            if step == 2 and r + 2 <= end:
+                x0, x1, y0, y1 = x[r], x[r + 1], y[r], y[r + 1]
+                for c in range(n_c):
+                    a = alpha[c]
+                    b = beta[c]
+                    y0[c] = x0[c] * a + b
+                    y1[c] = x1[c] * a + b
+                r += 2
+            else:
+                for c in range(n_c):
+                    y[r, c] = x[r, c] * alpha[c] + beta[c]
+                r += 1
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -582,10 +601,24 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
         per_task = (n_r + n_tasks - 1) // n_tasks
+        step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
         for task in prange(n_tasks):
-            for r in range(task * per_task, min(n_r, (task + 1) * per_task)):
-                for c in range(n_c):
-                    dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
+            r = task * per_task
+            end = min(n_r, (task + 1) * per_task)
+            while r < end:
+                if step == 2 and r + 2 <= end:
+                    x0, x1, g0, g1, o0, o1 = x[r], x[r + 1], dy[r], dy[r + 1], dx[r], dx[r + 1]
+                    for c in range(n_c):
+                        pc = p[c]
+                        qc = q[c]
+                        zc = z[c]
+                        o0[c] = g0[c] * pc + x0[c] * qc + zc
+                        o1[c] = g1[c] * pc + x1[c] * qc + zc
+                    r += 2
+                else:
+                    for c in range(n_c):
+                        dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
+                    r += 1
 
 
 def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
