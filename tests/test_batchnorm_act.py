@@ -165,3 +165,42 @@ def test_gelu_runs_as_the_composition_on_cpu():
     with normkit.use_backend(None):
         assert "CpuBatchNormAct" not in type(m(x).grad_fn).__name__
 
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_forward_by_channel_blocks(monkeypatch, act, training):
+    """The fused NCHW forward walks blocks of channels sample by sample: one channel per
+    block, blocks that do not divide the channel count, all channels; every blocking gives the
+    same bits, and torch's BN -> add -> act (5 samples of 30-element rows: the statistics take
+    four samples' rows at a time plus one left over)."""
+    from normkit.backends import cpu
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 7, 5, 6, generator=gen, dtype=torch.float64) * 2 + 1
+    residual = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    bn = tnn.BatchNorm2d(7, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    results = []
+    for group in (1, 3, 7):
+        monkeypatch.setattr(cpu, "ROW_GROUP_BYTES", group * 5 * 30 * x.element_size())
+        ours = normkit.BatchNormAct2d(7, act=act, dtype=torch.float64).train(training)
+        ours.load_state_dict(bn.state_dict())
+        leaves = [t.clone().requires_grad_() for t in (x, residual)]
+        with normkit.use_backend("cpu"):
+            y = ours(*leaves)
+        assert "CpuBatchNormAct" in type(y.grad_fn).__name__
+        y.backward(dy)
+        results.append([y.detach(), ours.running_mean, ours.running_var]
+                       + [t.grad for t in leaves])
+    leaves = [t.clone().requires_grad_() for t in (x, residual)]
+    y = ACTS[act](bn(leaves[0]) + leaves[1], 0.01)
+    y.backward(dy)
+    expected = [y.detach(), bn.running_mean, bn.running_var] + [t.grad for t in leaves]
+    for got in results:
+        for a, b, e in zip(got, results[0], expected):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

@@ -93,7 +93,7 @@ class CpuBatchNormAct(torch.autograd.Function):
                 bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, bits_shape)
         if plan.kind == "mid":
-            k.mid_act_forward(*args)
+            k.mid_act_forward(*args, cpu._row_group(plan, x))
         else:
             k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
         if training and running_mean is not None:

@@ -24,6 +24,7 @@ from numba import njit, prange
 from normkit.backends.cpu_kernels import (
     FASTMATH,
     _at,
+    _block_row_sums,
     _cols_affine_coefficients,
     _cols_batch_stats,
     _cols_grad_coefficients,
@@ -127,37 +128,49 @@ def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
 
 
 def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                    bits, keep, deriv, stats, like, shape, bits_shape):
-    """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M)."""
+                    bits, keep, deriv, stats, like, shape, bits_shape, group):
+    """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M).
+
+    By blocks of `group` consecutive channels, walked sample by sample (each sample's rows of
+    the block are contiguous), as `cpu_kernels.rowwise_forward_train`: the block's statistics
+    (four samples' rows per reduction when rows are short), then its outputs, from cache when
+    the block fits."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
                                          (1, 1, 1, 1), bits_shape)
     out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1, 1, 1))
     n_stat = n_m if given else 1
     mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
-    count = n_a * n_s
-    for m in prange(n_m):
+    for blk in prange((n_m + group - 1) // group):
+        m0 = blk * group
+        m1 = min(n_m, m0 + group)
         if given:
-            stats[0, m] = mean[m % n_stat]
-            stats[1, m] = var[m % n_stat]
-            stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+            for m in range(m0, m1):
+                stats[0, m] = mean[m % n_stat]
+                stats[1, m] = var[m % n_stat]
+                stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
         else:
-            shift = np.float64(x[0, m, 0, 0])
-            s1 = 0.0
-            s2 = 0.0
-            for a in range(n_a):
-                for s in range(n_s):
-                    d = np.float64(x[a, m, 0, s]) - shift
-                    s1 += d
-                    s2 += d * d
-            _finish(s1, s2, shift, count, eps, stats, m)
-        alpha = stats[2, m] * w[m] if has_w else stats[2, m]
-        beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
+            s1 = np.zeros(m1 - m0)
+            s2 = np.zeros(m1 - m0)
+            shifts = np.empty(m1 - m0)
+            for m in range(m0, m1):
+                shifts[m - m0] = x[0, m, 0, 0]
+            _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
+            for m in range(m0, m1):
+                _finish(s1[m - m0], s2[m - m0], shifts[m - m0], n_a * n_s, eps, stats, m)
+        alpha = np.empty(m1 - m0)
+        beta = np.empty(m1 - m0)
+        for m in range(m0, m1):
+            alpha[m - m0] = stats[2, m] * w[m] if has_w else stats[2, m]
+            beta[m - m0] = (b[m] if has_b else 0.0) - stats[0, m] * alpha[m - m0]
         z = np.empty(n_s)
         for a in range(n_a):
-            _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
-            _act_row(z, code, slope, out[a, m, 0], bits[a % bits.shape[0], m % bits.shape[1]],
-                     keep, deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
+            for m in range(m0, m1):
+                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r,
+                       alpha[m - m0], beta[m - m0], z)
+                _act_row(z, code, slope, out[a, m, 0],
+                         bits[a % bits.shape[0], m % bits.shape[1]], keep,
+                         deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
