@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.modules import _registry
 
 
 class BatchNormForward:
@@ -21,13 +22,7 @@ class BatchNormForward:
         """(running_mean, running_var, use_batch_stats, momentum factor) for F.batch_norm."""
         momentum, training = self.momentum, self.training
         factor = 0.0 if momentum is None else momentum
-        try:  # the registries themselves: Module.__getattr__ costs a microsecond per name
-            buffers = self._buffers
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-            num_batches_tracked = buffers["num_batches_tracked"]
-        except KeyError:  # a buffer deleted by the user: torch's attribute error
-            running_mean, running_var = self.running_mean, self.running_var
-            num_batches_tracked = self.num_batches_tracked
+        running_mean, running_var, num_batches_tracked = _registry.running_stats(self)
         if not training:
             return running_mean, running_var, running_mean is None and running_var is None, \
                 factor
@@ -39,18 +34,10 @@ class BatchNormForward:
                 factor = 1.0 / float(num_batches_tracked)
         return running_mean, running_var, True, factor
 
-    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
-        """(weight, bias), read from the parameter registry (see _batch_norm_arguments)."""
-        try:
-            parameters = self._parameters
-            return parameters["weight"], parameters["bias"]
-        except KeyError:
-            return self.weight, self.bias
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats, factor = self._batch_norm_arguments()
-        weight, bias = self._affine()
+        weight, bias = _registry.affine(self)
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps,
         )

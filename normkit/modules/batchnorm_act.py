@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.modules import _registry
 from normkit.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -23,7 +24,7 @@ class BatchNormActForward:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats, factor = self._batch_norm_arguments()
-        weight, bias = self._affine()
+        weight, bias = _registry.affine(self)
         return F.batch_norm_act(
             input, running_mean, running_var, weight, bias, use_batch_stats, factor,
             self.eps, self.act, self.negative_slope, residual, self.memory_efficient,

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.modules import _registry
 
 
 class GroupNorm(nn.GroupNorm):
@@ -22,4 +23,5 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias = _registry.affine(self)
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps)

@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.modules import _registry
 
 
 class InstanceNormForward:
@@ -19,12 +20,14 @@ class InstanceNormForward:
     """
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        weight, bias = _registry.affine(self)
+        running_mean, running_var, _ = _registry.running_stats(self)
         return F.instance_norm(
             input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
+            running_mean,
+            running_var,
+            weight,
+            bias,
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.modules import _registry
 
 
 class LayerNorm(nn.LayerNorm):
@@ -21,4 +22,5 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias = _registry.affine(self)
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
