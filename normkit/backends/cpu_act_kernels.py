@@ -24,12 +24,11 @@ from numba import njit, prange
 from normkit.backends.cpu_kernels import (
     FASTMATH,
     _at,
-    _block_row_sums,
+    _block_stats,
     _cols_affine_coefficients,
     _cols_batch_stats,
     _cols_grad_coefficients,
     _compile,
-    _finish,
     _given_stats,
 )
 from normkit.backends.cpu_math import exp
@@ -150,14 +149,7 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
                 stats[1, m] = var[m % n_stat]
                 stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
         else:
-            s1 = np.zeros(m1 - m0)
-            s2 = np.zeros(m1 - m0)
-            shifts = np.empty(m1 - m0)
-            for m in range(m0, m1):
-                shifts[m - m0] = x[0, m, 0, 0]
-            _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
-            for m in range(m0, m1):
-                _finish(s1[m - m0], s2[m - m0], shifts[m - m0], n_a * n_s, eps, stats, m)
+            _block_stats(x, m0, m1, eps, stats)
         alpha = np.empty(m1 - m0)
         beta = np.empty(m1 - m0)
         for m in range(m0, m1):

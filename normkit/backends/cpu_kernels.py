@@ -350,6 +350,20 @@ def _block_row_sums(x, g, m0, m1, centers, s1, s2, use_g):
         a += n_rows
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_stats(x, m0, m1, eps, stats):
+    """stats[:, m] for channels m0..m1-1 of x (A, M, 1, S), each shifted by its first element,
+    summed by `_block_row_sums`."""
+    s1 = np.zeros(m1 - m0)
+    s2 = np.zeros(m1 - m0)
+    shifts = np.empty(m1 - m0)
+    for m in range(m0, m1):
+        shifts[m - m0] = x[0, m, 0, 0]
+    _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
+    for m in range(m0, m1):
+        _finish(s1[m - m0], s2[m - m0], shifts[m - m0], x.shape[0] * x.shape[3], eps, stats, m)
+
+
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group):
     """mid_forward_train for BatchNorm with short rows (A, M, 1, S), by blocks of `group`
     consecutive channels.
@@ -365,14 +379,7 @@ def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, gro
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
-        s1 = np.zeros(m1 - m0)
-        s2 = np.zeros(m1 - m0)
-        shifts = np.empty(m1 - m0)
-        for m in range(m0, m1):
-            shifts[m - m0] = x[0, m, 0, 0]
-        _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
-        for m in range(m0, m1):
-            _finish(s1[m - m0], s2[m - m0], shifts[m - m0], n_a * n_s, eps, stats, m)
+        _block_stats(x, m0, m1, eps, stats)
         for a in range(n_a):
             for m in range(m0, m1):
                 alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
