@@ -204,3 +204,36 @@ def test_fused_forward_by_channel_blocks(monkeypatch, act, training):
         for a, b, e in zip(got, results[0], expected):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("shape,layout", [((2, 3, 12, 12), None),
+                                          ((4, 130, 2, 1), torch.channels_last)])
+def test_long_mask_rows(act, shape, layout):
+    """Mask rows of at least SPREAD_MASK_FROM elements (144-element NCHW rows; 130 channels,
+    not a multiple of 8) are unpacked a byte at a time into a scratch row: the input and
+    residual grads equal torch's BN -> add -> act."""
+    from normkit.backends import cpu_act_kernels
+
+    assert min(shape[1], shape[2] * shape[3]) < cpu_act_kernels.SPREAD_MASK_FROM <= max(
+        shape[1], shape[2] * shape[3])
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    residual = torch.randn(shape, generator=gen, dtype=torch.float64)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if layout is not None:
+        x, residual, dy = (t.contiguous(memory_format=layout) for t in (x, residual, dy))
+    bn = tnn.BatchNorm2d(shape[1], dtype=torch.float64)
+    ours = normkit.BatchNormAct2d(shape[1], act=act, dtype=torch.float64)
+    ours.load_state_dict(bn.state_dict())
+    grads = []
+    for run in ("ours", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, residual)]
+        with normkit.use_backend("cpu"):
+            y = ours(*leaves) if run == "ours" else ACTS[act](bn(leaves[0]) + leaves[1], 0.01)
+        if run == "ours":
+            assert "CpuBatchNormAct" in type(y.grad_fn).__name__
+        y.backward(dy)
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

@@ -104,11 +104,39 @@ def _act_row(z, code, slope, out_row, bits_row, keep, d_row):
             bits_row[byte] = v
 
 
+# Unpacking the mask of rows of at least SPREAD_MASK_FROM elements: each byte spread into a
+# uint64 of eight 0/1 bytes (replicate, keep bit k of byte k, carry it into the byte's top bit,
+# shift down), then a select per element. Alone it takes 0.31 against 0.64 ns per element at
+# 3136-element rows; in the backward kernels 25 % less time at 2048 channels (channels_last),
+# 6 % at 196-element rows, no gain at 49 (there the bit loop stays).
+SPREAD_MASK_FROM = 128
+_REPLICATE = np.uint64(0x0101010101010101)
+_BIT_K = np.uint64(0x8040201008040201)
+_CARRY = np.uint64(0x7F7F7F7F7F7F7F7F)
+_TOP_BIT = np.uint64(7)
+
+
+@njit(inline="always", cache=True)
+def _mask_scratch(bits_row_length):
+    """A zeroed byte-per-element row for `_grad_row` (mask rows of this many bytes) and its
+    uint64 view."""
+    flags = np.zeros(bits_row_length * 8, np.uint8)
+    return flags, flags.view(np.uint64)
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _grad_row(dout_row, z, code, slope, bits_row, g, kept, d_row):
-    """g = dL/dz for one row: from the mask (relu family), the kept act'(z) or z (silu)."""
+def _grad_row(dout_row, z, code, slope, bits_row, flags, words, g, kept, d_row):
+    """g = dL/dz for one row: from the mask (relu family; long rows unpacked into the scratch
+    `flags` through its uint64 view `words`), the kept act'(z) or z (silu)."""
     n = g.shape[0]
-    if code == 1 or code == 2:
+    if (code == 1 or code == 2) and n >= SPREAD_MASK_FROM:
+        low = 0.0 if code == 1 else slope
+        for byte in range(bits_row.shape[0]):
+            spread = (np.uint64(bits_row[byte]) * _REPLICATE) & _BIT_K
+            words[byte] = ((spread + _CARRY) >> _TOP_BIT) & _REPLICATE
+        for i in range(n):
+            g[i] = dout_row[i] if flags[i] else dout_row[i] * low
+    elif code == 1 or code == 2:
         low = 0.0 if code == 1 else slope
         for byte in range(bits_row.shape[0]):
             v = bits_row[byte]
@@ -186,13 +214,15 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
         beta = (b[m] if has_b else 0.0) - mu * alpha
         g = np.empty((n_a, n_s))
         z = np.empty(n_s)
+        flags, words = _mask_scratch(bits.shape[2])
         sdz = 0.0
         sdzx = 0.0
         for a in range(n_a):
             if code == 3 and not kept:
                 _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
             _grad_row(dout[a, m, 0], z, code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
-                      g[a], kept, deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
+                      flags, words, g[a], kept,
+                      deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
             for s in range(n_s):
                 sdz += g[a, s]
                 sdzx += g[a, s] * (np.float64(x[a, m, 0, s]) - mu)
@@ -253,11 +283,12 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
     for blk in prange(n_blocks):
         z = np.empty(n_c)
         g = np.empty(n_c)
+        flags, words = _mask_scratch(bits.shape[2])
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             if code == 3 and not kept:
                 _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
-                      deriv[row % deriv.shape[0]])
+            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], flags, words, g,
+                      kept, deriv[row % deriv.shape[0]])
             for c in range(n_c):
                 s1_part[blk, c] += g[c]
                 s2_part[blk, c] += g[c] * (np.float64(x[row, c]) - stats[0, c])
@@ -273,11 +304,12 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
         for blk in prange(n_blocks):
             z = np.empty(n_c)
             g = np.empty(n_c)
+            flags, words = _mask_scratch(bits.shape[2])
             for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
                 if code == 3 and not kept:
                     _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], g, kept,
-                          deriv[row % deriv.shape[0]])
+                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], flags,
+                          words, g, kept, deriv[row % deriv.shape[0]])
                 for c in range(n_c):
                     dx[row, c] = g[c] * p[c] + x[row, c] * q[c] + zc[c]
 
