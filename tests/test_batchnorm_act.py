@@ -237,3 +237,27 @@ def test_long_mask_rows(act, shape, layout):
         grads.append([y.detach()] + [t.grad for t in leaves])
     for a, e in zip(*grads):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (12, 12)])
+def test_nan_counts_as_positive_in_the_mask(spatial):
+    """A NaN makes its channel's z NaN; torch's relu passes the gradient where its output is
+    NaN, and so does the packed mask (30-element rows: bit loop; 144: byte spread)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, *spatial, generator=gen, dtype=torch.float64)
+    x[1, 2, 0, 3] = float("nan")
+    residual = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    bn = tnn.BatchNorm2d(4, dtype=torch.float64)
+    ours = normkit.BatchNormAct2d(4, act="relu", dtype=torch.float64)
+    ours.load_state_dict(bn.state_dict())
+    grads = []
+    for run in ("ours", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, residual)]
+        with normkit.use_backend("cpu"):
+            y = ours(*leaves) if run == "ours" else torch.relu(bn(leaves[0]) + leaves[1])
+        y.backward(dy)
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    assert torch.isnan(grads[1][0][:, 2]).all()
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, equal_nan=True)
