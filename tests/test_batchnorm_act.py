@@ -169,11 +169,11 @@ def test_gelu_runs_as_the_composition_on_cpu():
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu"])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_forward_by_channel_blocks(monkeypatch, act, training):
-    """The fused NCHW forward walks blocks of channels sample by sample: one channel per
-    block, blocks that do not divide the channel count, all channels; every blocking gives the
-    same bits, and torch's BN -> add -> act (5 samples of 30-element rows: the statistics take
-    four samples' rows at a time plus one left over)."""
+def test_fused_kernels_by_channel_blocks(monkeypatch, act, training):
+    """The fused NCHW forward and backward walk blocks of channels sample by sample: one
+    channel per block, blocks that do not divide the channel count, all channels; every
+    blocking gives the same bits, and torch's BN -> add -> act, outputs and grads (5 samples of
+    30-element rows: the statistics take four samples' rows at a time plus one left over)."""
     from normkit.backends import cpu
 
     gen = torch.Generator().manual_seed(4)

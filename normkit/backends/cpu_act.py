@@ -127,7 +127,7 @@ class CpuBatchNormAct(torch.autograd.Function):
                 cpu._address(dr), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
-            k.mid_act_backward(*args)
+            k.mid_act_backward(*args, cpu._row_group(plan, x))
         else:
             k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M))
         dw = None if weight is None else dw.view(weight.shape)

@@ -200,10 +200,11 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
                      bits, kept, deriv, need_dx, dx, need_dr, dr, dw, db, like, shape,
-                     bits_shape):
+                     bits_shape, group):
     """Per channel m: dz = dout * act'(z); dr = dz; dw[m] = Σ dz·xhat; db[m] = Σ dz; dx as BN.
 
-    dz of the whole channel is kept in a buffer between the sums and the dx pass."""
+    By blocks of `group` channels walked sample by sample (see mid_act_forward); dz of the
+    block is kept in a float64 buffer between the sums and the dx pass."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
                                          (1, 1, 1, 1), bits_shape)
@@ -211,38 +212,57 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
     deriv = _at(deriv, like, shape if kept else (1, 1, 1, 1))
     dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
     count = n_a * n_s
-    for m in prange(n_m):
-        mu = stats[0, m]
-        rs = stats[2, m]
-        wm = w[m] if has_w else 1.0
-        alpha = rs * wm
-        beta = (b[m] if has_b else 0.0) - mu * alpha
-        g = np.empty((n_a, n_s))
+    for blk in prange((n_m + group - 1) // group):
+        m0 = blk * group
+        m1 = min(n_m, m0 + group)
+        alpha = np.empty(m1 - m0)
+        beta = np.empty(m1 - m0)
+        for m in range(m0, m1):
+            alpha[m - m0] = stats[2, m] * w[m] if has_w else stats[2, m]
+            beta[m - m0] = (b[m] if has_b else 0.0) - stats[0, m] * alpha[m - m0]
+        g = np.empty((n_a, m1 - m0, n_s))
         z = np.empty(n_s)
         flags, words = _mask_scratch(bits.shape[2])
-        sdz = 0.0
-        sdzx = 0.0
+        sdz = np.zeros(m1 - m0)
+        sdzx = np.zeros(m1 - m0)
         for a in range(n_a):
-            if code == 3 and not kept:
-                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z)
-            _grad_row(dout[a, m, 0], z, code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
-                      flags, words, g[a], kept,
-                      deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
-            for s in range(n_s):
-                sdz += g[a, s]
-                sdzx += g[a, s] * (np.float64(x[a, m, 0, s]) - mu)
-            if need_dr:
+            for m in range(m0, m1):
+                i = m - m0
+                if code == 3 and not kept:
+                    _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha[i],
+                           beta[i], z)
+                gr = g[a, i]
+                _grad_row(dout[a, m, 0], z, code, slope,
+                          bits[a % bits.shape[0], m % bits.shape[1]], flags, words, gr, kept,
+                          deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
+                mu = stats[0, m]
+                r1 = 0.0
+                r2 = 0.0
                 for s in range(n_s):
-                    dr[a, m, 0, s] = g[a, s]
-        dw[m] = sdzx * rs
-        db[m] = sdz
+                    r1 += gr[s]
+                    r2 += gr[s] * (np.float64(x[a, m, 0, s]) - mu)
+                sdz[i] += r1
+                sdzx[i] += r2
+                if need_dr:
+                    for s in range(n_s):
+                        dr[a, m, 0, s] = gr[s]
+        p = np.empty(m1 - m0)
+        q = np.empty(m1 - m0)
+        zc = np.empty(m1 - m0)
+        for m in range(m0, m1):
+            i = m - m0
+            rs = stats[2, m]
+            dw[m] = sdzx[i] * rs
+            db[m] = sdz[i]
+            p[i] = rs * w[m] if has_w else rs
+            q[i] = -p[i] * rs * rs * sdzx[i] / count if batch_stats else 0.0
+            zc[i] = (-p[i] * sdz[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
         if need_dx:
-            p = rs * wm
-            q = -p * rs * rs * sdzx / count if batch_stats else 0.0
-            zc = (-p * sdz / count if batch_stats else 0.0) - q * mu
             for a in range(n_a):
-                for s in range(n_s):
-                    dx[a, m, 0, s] = g[a, s] * p + x[a, m, 0, s] * q + zc
+                for m in range(m0, m1):
+                    i = m - m0
+                    for s in range(n_s):
+                        dx[a, m, 0, s] = g[a, i, s] * p[i] + x[a, m, 0, s] * q[i] + zc[i]
 
 
 def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
