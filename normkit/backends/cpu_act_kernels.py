@@ -24,6 +24,7 @@ from numba import njit, prange
 from normkit.backends.cpu_kernels import (
     FASTMATH,
     _at,
+    _block_grad_coefficients,
     _block_stats,
     _cols_affine_coefficients,
     _cols_batch_stats,
@@ -246,17 +247,8 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
                 if need_dr:
                     for s in range(n_s):
                         dr[a, m, 0, s] = gr[s]
-        p = np.empty(m1 - m0)
-        q = np.empty(m1 - m0)
-        zc = np.empty(m1 - m0)
-        for m in range(m0, m1):
-            i = m - m0
-            rs = stats[2, m]
-            dw[m] = sdzx[i] * rs
-            db[m] = sdz[i]
-            p[i] = rs * w[m] if has_w else rs
-            q[i] = -p[i] * rs * rs * sdzx[i] / count if batch_stats else 0.0
-            zc[i] = (-p[i] * sdz[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
+        p, q, zc = _block_grad_coefficients(stats, w, has_w, batch_stats, count, m0, m1, sdz,
+                                            sdzx, dw, db)
         if need_dx:
             for a in range(n_a):
                 for m in range(m0, m1):

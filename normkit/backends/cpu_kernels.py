@@ -388,6 +388,25 @@ def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, gro
                     y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_grad_coefficients(stats, w, has_w, batch_stats, count, m0, m1, s_g, s_gx, dw, db):
+    """For channels m0..m1-1 from their Σg and Σg·(x - mean) (s_g, s_gx, indexed m - m0):
+    dw[m], db[m], and (p, q, z) with dx = g·p + x·q + z (batch statistics: the mean / xhat
+    terms; given statistics: dx = g·w·rstd)."""
+    p = np.empty(m1 - m0)
+    q = np.empty(m1 - m0)
+    z = np.empty(m1 - m0)
+    for m in range(m0, m1):
+        i = m - m0
+        r = stats[2, m]
+        dw[m] = s_gx[i] * r
+        db[m] = s_g[i]
+        p[i] = r * w[m] if has_w else r
+        q[i] = -p[i] * r * r * s_gx[i] / count if batch_stats else 0.0
+        z[i] = (-p[i] * s_g[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
+    return p, q, z
+
+
 def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
                      group):
     """mid_backward for BatchNorm with short rows, by channel blocks walked in memory order
@@ -405,17 +424,8 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, l
         sdy = np.zeros(m1 - m0)
         sdyx = np.zeros(m1 - m0)
         _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True)
-        p = np.empty(m1 - m0)
-        q = np.empty(m1 - m0)
-        z = np.empty(m1 - m0)
-        for m in range(m0, m1):
-            i = m - m0
-            r = stats[2, m]
-            dw[m] = sdyx[i] * r
-            db[m] = sdy[i]
-            p[i] = r * w[m, 0] if has_w else r
-            q[i] = -p[i] * r * r * sdyx[i] / count if batch_stats else 0.0
-            z[i] = (-p[i] * sdy[i] / count if batch_stats else 0.0) - q[i] * stats[0, m]
+        p, q, z = _block_grad_coefficients(stats, w[:, 0], has_w, batch_stats, count, m0, m1,
+                                           sdy, sdyx, dw, db)
         if need_dx:
             for a in range(n_a):
                 for m in range(m0, m1):
