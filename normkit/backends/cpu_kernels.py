@@ -155,8 +155,10 @@ PAIR_ROWS_COLUMNS = 2048
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_apply(x, alpha, beta, y, n_tasks):
-    """y[r, c] = x[r, c] * alpha[c] + beta[c], `n_tasks` ranges of rows in parallel."""
+def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks):
+    """out[r, c] = g[r, c] * p[c] + x[r, c] * q[c] + z[c] (dx), or without the g term
+    (use_g False: y = x * alpha + beta with q = alpha, z = beta), over `n_tasks` ranges of
+    rows in parallel; two rows per coefficient load from PAIR_ROWS_COLUMNS columns."""
     n_r, n_c = x.shape
     per_task = (n_r + n_tasks - 1) // n_tasks
     step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
@@ -165,16 +167,24 @@ def _cols_apply(x, alpha, beta, y, n_tasks):
         end = min(n_r, (task + 1) * per_task)
         while r < end:
             if step == 2 and r + 2 <= end:
-                x0, x1, y0, y1 = x[r], x[r + 1], y[r], y[r + 1]
+                x0, x1, g0, g1, o0, o1 = x[r], x[r + 1], g[r], g[r + 1], out[r], out[r + 1]
                 for c in range(n_c):
-                    a = alpha[c]
-                    b = beta[c]
-                    y0[c] = x0[c] * a + b
-                    y1[c] = x1[c] * a + b
+                    qc = q[c]
+                    zc = z[c]
+                    if use_g:
+                        pc = p[c]
+                        o0[c] = g0[c] * pc + x0[c] * qc + zc
+                        o1[c] = g1[c] * pc + x1[c] * qc + zc
+                    else:
+                        o0[c] = x0[c] * qc + zc
+                        o1[c] = x1[c] * qc + zc
                 r += 2
             else:
                 for c in range(n_c):
-                    y[r, c] = x[r, c] * alpha[c] + beta[c]
+                    if use_g:
+                        out[r, c] = g[r, c] * p[c] + x[r, c] * q[c] + z[c]
+                    else:
+                        out[r, c] = x[r, c] * q[c] + z[c]
                 r += 1
 
 
@@ -569,7 +579,7 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_bloc
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_apply(x, alpha, beta, y, n_tasks)
+    _cols_elementwise(x, x, False, alpha, alpha, beta, y, n_tasks)
 
 
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks):
@@ -617,25 +627,7 @@ def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like
     z = np.empty(n_c)
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
-        per_task = (n_r + n_tasks - 1) // n_tasks
-        step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
-        for task in prange(n_tasks):
-            r = task * per_task
-            end = min(n_r, (task + 1) * per_task)
-            while r < end:
-                if step == 2 and r + 2 <= end:
-                    x0, x1, g0, g1, o0, o1 = x[r], x[r + 1], dy[r], dy[r + 1], dx[r], dx[r + 1]
-                    for c in range(n_c):
-                        pc = p[c]
-                        qc = q[c]
-                        zc = z[c]
-                        o0[c] = g0[c] * pc + x0[c] * qc + zc
-                        o1[c] = g1[c] * pc + x1[c] * qc + zc
-                    r += 2
-                else:
-                    for c in range(n_c):
-                        dx[r, c] = dy[r, c] * p[c] + x[r, c] * q[c] + z[c]
-                    r += 1
+        _cols_elementwise(x, dy, True, p, q, z, dx, n_tasks)
 
 
 def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
