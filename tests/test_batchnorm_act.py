@@ -206,43 +206,57 @@ def test_fused_kernels_by_channel_blocks(monkeypatch, act, training):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
-@pytest.mark.parametrize("shape,layout", [((2, 3, 12, 12), None),
-                                          ((4, 130, 2, 1), torch.channels_last)])
-def test_long_mask_rows(act, shape, layout):
-    """Mask rows of at least SPREAD_MASK_FROM elements (144-element NCHW rows; 130 channels,
-    not a multiple of 8) are unpacked a byte at a time into a scratch row: the input and
-    residual grads equal torch's BN -> add -> act."""
-    from normkit.backends import cpu_act_kernels
-
-    assert min(shape[1], shape[2] * shape[3]) < cpu_act_kernels.SPREAD_MASK_FROM <= max(
-        shape[1], shape[2] * shape[3])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "identity"])
+@pytest.mark.parametrize("shape,layout", [((2, 3, 12, 12), None), ((3, 2, 7, 7), None),
+                                          ((4, 130, 2, 1), torch.channels_last),
+                                          ((5, 13, 1, 3), torch.channels_last)])
+@pytest.mark.parametrize("residual", ["none", "grad", "no_grad"])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_grads_asked_for(act, shape, layout, residual, x_grad):
+    """Every combination of grads asked for (x's, the residual's, only the parameters'): dL/dz
+    goes to the residual's grad, to dx's memory or to a buffer of its own. Rows of any length
+    (144 and 49 elements NCHW; 130 and 13 channels, not multiples of 8, for the packed mask):
+    output and grads equal torch's BN (-> add) -> act."""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    residual = torch.randn(shape, generator=gen, dtype=torch.float64)
+    res = torch.randn(shape, generator=gen, dtype=torch.float64)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
     if layout is not None:
-        x, residual, dy = (t.contiguous(memory_format=layout) for t in (x, residual, dy))
+        x, res, dy = (t.contiguous(memory_format=layout) for t in (x, res, dy))
     bn = tnn.BatchNorm2d(shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-0.5, 0.5, generator=gen)
     ours = normkit.BatchNormAct2d(shape[1], act=act, dtype=torch.float64)
     ours.load_state_dict(bn.state_dict())
-    grads = []
+    results = []
     for run in ("ours", "torch"):
-        leaves = [t.clone().requires_grad_() for t in (x, residual)]
+        leaf = x.clone().requires_grad_(x_grad)
+        extra = [] if residual == "none" else [res.clone().requires_grad_(residual == "grad")]
         with normkit.use_backend("cpu"):
-            y = ours(*leaves) if run == "ours" else ACTS[act](bn(leaves[0]) + leaves[1], 0.01)
-        if run == "ours":
-            assert "CpuBatchNormAct" in type(y.grad_fn).__name__
+            if run == "ours":
+                y = ours(leaf, *extra)
+                assert "CpuBatchNormAct" in type(y.grad_fn).__name__
+            else:
+                z = bn(leaf)
+                y = ACTS[act](z + extra[0] if extra else z, 0.01)
         y.backward(dy)
-        grads.append([y.detach()] + [t.grad for t in leaves])
-    for a, e in zip(*grads):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        module = ours if run == "ours" else bn
+        results.append([y.detach(), leaf.grad, module.weight.grad, module.bias.grad]
+                       + [t.grad for t in extra])
+    for a, e in zip(*results):
+        assert (a is None) == (e is None)
+        if a is not None:
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert (results[0][1] is None) == (not x_grad)
+    if residual != "none":
+        assert (results[0][4] is None) == (residual == "no_grad")
 
 
 @pytest.mark.parametrize("spatial", [(5, 6), (12, 12)])
 def test_nan_counts_as_positive_in_the_mask(spatial):
     """A NaN makes its channel's z NaN; torch's relu passes the gradient where its output is
-    NaN, and so does the packed mask (30-element rows: bit loop; 144: byte spread)."""
+    NaN, and so does the packed mask (30- and 144-element rows)."""
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 4, *spatial, generator=gen, dtype=torch.float64)
     x[1, 2, 0, 3] = float("nan")

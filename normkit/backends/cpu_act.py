@@ -118,18 +118,20 @@ class CpuBatchNormAct(torch.autograd.Function):
         need_dr = ctx.has_residual and ctx.needs_input_grad[3]
         dx = cpu_buffers.empty_like(x) if need_dx else None
         dr = cpu_buffers.empty_like(x) if need_dr else None
+        # dL/dz goes to the residual's grad, or else to dx's memory (overwritten in place)
+        dz = dr if need_dr else dx if need_dx else cpu_buffers.empty_like(x)
         dw = torch.empty(plan.M, dtype=x.dtype)
         db = torch.empty_like(dw)
         args = (x.data_ptr(), cpu._address(residual), residual is not None, dout.data_ptr(),
                 cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
                 stats.data_ptr(), ctx.training, ctx.code, ctx.slope, bits.data_ptr(),
-                deriv is not None, cpu._address(deriv), need_dx, cpu._address(dx), need_dr,
-                cpu._address(dr), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
+                deriv is not None, cpu._address(deriv), dz.data_ptr(), need_dx,
+                cpu._address(dx), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
             k.mid_act_backward(*args, cpu._row_group(plan, x))
         else:
-            k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M))
+            k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M), cpu._tasks(plan.A))
         dw = None if weight is None else dw.view(weight.shape)
         db = None if bias is None else db.view(bias.shape)
         return dx, dw, db, dr, None, None, None, None, None, None, None, None, None

@@ -24,11 +24,13 @@ from numba import njit, prange
 from normkit.backends.cpu_kernels import (
     FASTMATH,
     _at,
-    _block_grad_coefficients,
+    _block_backward,
     _block_stats,
     _cols_affine_coefficients,
     _cols_batch_stats,
+    _cols_elementwise,
     _cols_grad_coefficients,
+    _cols_sums,
     _compile,
     _given_stats,
 )
@@ -78,13 +80,12 @@ def _silu_slope(z, sig):
 # The relu mask moves between its bits and a byte-per-element scratch row (`flags`, 0 or 1,
 # padded to a multiple of 8, with `words` its uint64 view) eight elements at a time, without a
 # branch per bit. Packing gathers the eight bytes of a word into its top byte by one multiply
-# (alone: 0.50 against 0.89 ns per element at 49-element rows). Unpacking, for rows of at least
-# SPREAD_MASK_FROM elements, spreads a byte into eight 0/1 bytes (replicate, keep bit k of byte
-# k, carry it into the byte's top bit, shift down), then selects per element: alone 0.31
-# against 0.64 ns per element at 3136-element rows; in the backward kernels 25 % less time at
-# 2048 channels (channels_last), 6 % at 196-element rows, no gain at 49 (there the bit loop
-# stays).
-SPREAD_MASK_FROM = 128
+# (alone: 0.50 against 0.89 ns per element at 49-element rows). Unpacking spreads a byte into
+# eight 0/1 bytes (replicate, keep bit k of byte k, carry it into the byte's top bit, shift
+# down). The relu / leaky_relu rows are then one loop each way, z and dL/dz kept in registers:
+# forward z, act(z) and the flag; backward the masked grad, its two sums and the residual's
+# grad (measured on 49-element rows in cache: backward row work 1.67 -> 0.80 ns per element
+# against a bit-by-bit unpack and three loops through a float64 row, 1.28 -> 0.75 at 196).
 _GATHER = np.uint64(0x0102040810204080)  # byte k's low bit -> bit 56 + k
 _TOP_BYTE = np.uint64(56)
 _REPLICATE = np.uint64(0x0101010101010101)
@@ -95,25 +96,46 @@ _TOP_BIT = np.uint64(7)
 
 @njit(inline="always", cache=True)
 def _mask_scratch(bits_row_length):
-    """A zeroed byte-per-element row for `_act_row` / `_grad_row` (mask rows of this many
-    bytes) and its uint64 view."""
+    """A zeroed byte-per-element row for mask rows of this many bytes, and its uint64 view."""
     flags = np.zeros(bits_row_length * 8, np.uint8)
     return flags, flags.view(np.uint64)
 
 
+@njit(inline="always", cache=True)
+def _pack_flags(words, bits_row):
+    """bits_row = the 0/1 flags of the scratch row (uint64 view `words`), eight per byte."""
+    for byte in range(bits_row.shape[0]):
+        bits_row[byte] = (words[byte] * _GATHER) >> _TOP_BYTE
+
+
+@njit(inline="always", cache=True)
+def _unpack_flags(bits_row, words):
+    """The scratch row (uint64 view `words`) = bits_row's bits as 0/1 bytes."""
+    for byte in range(bits_row.shape[0]):
+        spread = (np.uint64(bits_row[byte]) * _REPLICATE) & _BIT_K
+        words[byte] = ((spread + _CARRY) >> _TOP_BIT) & _REPLICATE
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _act_row(z, code, slope, out_row, bits_row, flags, words, keep, d_row):
-    """out = act(z) for one row; for relu / leaky_relu also the packed mask of z > 0 (NaN
-    counts as positive), through the scratch `flags` / `words`; with `keep` (silu) also
-    d = act'(z), which the backward then reads instead of recomputing z."""
+def _relu_family(z, leaky, slope):
+    """(relu(z) or leaky_relu(z), whether z > 0): NaN counts as positive and passes through,
+    as in torch."""
+    positive = not z <= 0.0
+    return (z if positive else (z * slope if leaky else 0.0)), positive
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _relu_family_grad(d, positive, leaky, slope):
+    """dL/dz of relu / leaky_relu from dL/dout = d and the mask flag."""
+    return d if positive else (d * slope if leaky else 0.0)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _act_row(z, code, slope, out_row, keep, d_row):
+    """out = act(z) for one row of silu (with `keep` also d = act'(z), which the backward then
+    reads instead of recomputing z) or identity."""
     n = z.shape[0]
-    if code == 1:
-        for i in range(n):
-            out_row[i] = 0.0 if z[i] <= 0.0 else z[i]
-    elif code == 2:
-        for i in range(n):
-            out_row[i] = z[i] * slope if z[i] <= 0.0 else z[i]
-    elif code == 3:
+    if code == 3:
         for i in range(n):
             e = 1.0 + exp(-z[i])
             out_row[i] = z[i] / e
@@ -122,41 +144,50 @@ def _act_row(z, code, slope, out_row, bits_row, flags, words, keep, d_row):
     else:
         for i in range(n):
             out_row[i] = z[i]
-    if code == 1 or code == 2:
-        for i in range(n):
-            flags[i] = not z[i] <= 0.0
-        for byte in range(bits_row.shape[0]):
-            bits_row[byte] = (words[byte] * _GATHER) >> _TOP_BYTE
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _grad_row(dout_row, z, code, slope, bits_row, flags, words, g, kept, d_row):
-    """g = dL/dz for one row: from the mask (relu family; long rows unpacked into the scratch
-    `flags` through its uint64 view `words`), the kept act'(z) or z (silu)."""
-    n = g.shape[0]
-    if (code == 1 or code == 2) and n >= SPREAD_MASK_FROM:
-        low = 0.0 if code == 1 else slope
-        for byte in range(bits_row.shape[0]):
-            spread = (np.uint64(bits_row[byte]) * _REPLICATE) & _BIT_K
-            words[byte] = ((spread + _CARRY) >> _TOP_BIT) & _REPLICATE
+def _relu_family_row(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags):
+    """out = relu or leaky_relu of z = x * alpha + beta (+ r) for one row, and its flags."""
+    if has_r:
+        for i in range(out_row.shape[0]):
+            out_row[i], flags[i] = _relu_family(x_row[i] * alpha + beta + r_row[i], leaky, slope)
+    else:
+        for i in range(out_row.shape[0]):
+            out_row[i], flags[i] = _relu_family(x_row[i] * alpha + beta, leaky, slope)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags):
+    """_relu_family_row of a channels-last row: alpha[c], beta[c] per element."""
+    if has_r:
+        for i in range(out_row.shape[0]):
+            out_row[i], flags[i] = _relu_family(x_row[i] * alpha[i] + beta[i] + r_row[i], leaky,
+                                                slope)
+    else:
+        for i in range(out_row.shape[0]):
+            out_row[i], flags[i] = _relu_family(x_row[i] * alpha[i] + beta[i], leaky, slope)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _dz_row(dout_row, code, slope, bits_row, flags, words, z, kept, d_row, dz_row):
+    """dz = dL/dz for one row, in the data's dtype (as torch's composition holds it): from the
+    packed mask (relu family, unpacked into the scratch `flags` through `words`), the kept
+    act'(z) or z (silu), or dout itself (identity)."""
+    n = dz_row.shape[0]
+    if code == 1 or code == 2:
+        _unpack_flags(bits_row, words)
         for i in range(n):
-            g[i] = dout_row[i] if flags[i] else dout_row[i] * low
-    elif code == 1 or code == 2:
-        low = 0.0 if code == 1 else slope
-        for byte in range(bits_row.shape[0]):
-            v = bits_row[byte]
-            for k in range(min(8, n - byte * 8)):
-                i = byte * 8 + k
-                g[i] = dout_row[i] if (v >> k) & 1 else dout_row[i] * low
+            dz_row[i] = _relu_family_grad(dout_row[i], flags[i], code == 2, slope)
     elif kept:
         for i in range(n):
-            g[i] = np.float64(dout_row[i]) * d_row[i]
+            dz_row[i] = np.float64(dout_row[i]) * d_row[i]
     elif code == 3:
         for i in range(n):
-            g[i] = dout_row[i] * _silu_slope(z[i], 1.0 / (1.0 + exp(-z[i])))
+            dz_row[i] = dout_row[i] * _silu_slope(z[i], 1.0 / (1.0 + exp(-z[i])))
     else:
         for i in range(n):
-            g[i] = dout_row[i]
+            dz_row[i] = dout_row[i]
 
 
 def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
@@ -192,69 +223,51 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
         flags, words = _mask_scratch(bits.shape[2])
         for a in range(n_a):
             for m in range(m0, m1):
-                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r,
-                       alpha[m - m0], beta[m - m0], z)
-                _act_row(z, code, slope, out[a, m, 0],
-                         bits[a % bits.shape[0], m % bits.shape[1]], flags, words, keep,
-                         deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
+                r_row = r[a % r.shape[0], m % r.shape[1], 0]
+                if code == 1 or code == 2:
+                    _relu_family_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0],
+                                     code == 2, slope, out[a, m, 0], flags)
+                    _pack_flags(words, bits[a, m])
+                else:
+                    _z_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0], z)
+                    _act_row(z, code, slope, out[a, m, 0], keep,
+                             deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                     bits, kept, deriv, need_dx, dx, need_dr, dr, dw, db, like, shape,
-                     bits_shape, group):
-    """Per channel m: dz = dout * act'(z); dr = dz; dw[m] = Σ dz·xhat; db[m] = Σ dz; dx as BN.
+                     bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape, group):
+    """Per channel m: dz = dout * act'(z), written to `dz` (the residual's grad when it needs
+    one; dx's memory, overwritten in place, when only x needs one); dw[m] = Σ dz·xhat,
+    db[m] = Σ dz; (need_dx) dx as BatchNorm's backward with dy = dz.
 
-    By blocks of `group` channels walked sample by sample (see mid_act_forward); dz of the
-    block is kept in a float64 buffer between the sums and the dx pass."""
+    By blocks of `group` channels walked sample by sample (see mid_act_forward): the block's
+    dz rows, then its sums and its dx from cache (`cpu_kernels._block_backward`)."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
                                          (1, 1, 1, 1), bits_shape)
-    dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
+    in_place = dz == dx  # dx overwrites dz: the loops then read and write one array
+    dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
     deriv = _at(deriv, like, shape if kept else (1, 1, 1, 1))
     dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
-    count = n_a * n_s
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
-        alpha = np.empty(m1 - m0)
-        beta = np.empty(m1 - m0)
-        for m in range(m0, m1):
-            alpha[m - m0] = stats[2, m] * w[m] if has_w else stats[2, m]
-            beta[m - m0] = (b[m] if has_b else 0.0) - stats[0, m] * alpha[m - m0]
-        g = np.empty((n_a, m1 - m0, n_s))
         z = np.empty(n_s)
         flags, words = _mask_scratch(bits.shape[2])
-        sdz = np.zeros(m1 - m0)
-        sdzx = np.zeros(m1 - m0)
         for a in range(n_a):
             for m in range(m0, m1):
-                i = m - m0
                 if code == 3 and not kept:
-                    _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha[i],
-                           beta[i], z)
-                gr = g[a, i]
-                _grad_row(dout[a, m, 0], z, code, slope,
-                          bits[a % bits.shape[0], m % bits.shape[1]], flags, words, gr, kept,
-                          deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
-                mu = stats[0, m]
-                r1 = 0.0
-                r2 = 0.0
-                for s in range(n_s):
-                    r1 += gr[s]
-                    r2 += gr[s] * (np.float64(x[a, m, 0, s]) - mu)
-                sdz[i] += r1
-                sdzx[i] += r2
-                if need_dr:
-                    for s in range(n_s):
-                        dr[a, m, 0, s] = gr[s]
-        p, q, zc = _block_grad_coefficients(stats, w, has_w, batch_stats, count, m0, m1, sdz,
-                                            sdzx, dw, db)
-        if need_dx:
-            for a in range(n_a):
-                for m in range(m0, m1):
-                    i = m - m0
-                    for s in range(n_s):
-                        dx[a, m, 0, s] = g[a, i, s] * p[i] + x[a, m, 0, s] * q[i] + zc[i]
+                    alpha = stats[2, m] * w[m] if has_w else stats[2, m]
+                    beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
+                    _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha,
+                           beta, z)
+                _dz_row(dout[a, m, 0], code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
+                        flags, words, z, kept, deriv[a % deriv.shape[0], m % deriv.shape[1], 0],
+                        dz[a, m, 0])
+        if in_place:
+            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db)
+        else:
+            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db)
 
 
 def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
@@ -277,59 +290,59 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
         z = np.empty(n_c)
         flags, words = _mask_scratch(bits.shape[2])
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-            _act_row(z, code, slope, out[row], bits[0, row % bits.shape[1]], flags, words,
-                     keep, deriv[row % deriv.shape[0]])
+            r_row = r[row % r.shape[0]]
+            if code == 1 or code == 2:
+                _relu_family_row_cols(x[row], r_row, has_r, alpha, beta, code == 2, slope,
+                                      out[row], flags)
+                _pack_flags(words, bits[0, row])
+            else:
+                _z_row_cols(x[row], r_row, has_r, alpha, beta, z)
+                _act_row(z, code, slope, out[row], keep, deriv[row % deriv.shape[0]])
 
 
 def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                      bits, kept, deriv, need_dx, dx, need_dr, dr, dw, db, like, shape,
-                      bits_shape, n_blocks):
-    """Column-wise backward of the fused op (see mid_act_backward); dz is recomputed for dx."""
+                      bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape,
+                      n_blocks, n_tasks):
+    """Column-wise backward of the fused op (see mid_act_backward): each block of rows writes
+    its dz rows and sums them while they are in cache, four rows at a time; then dx as
+    `cpu_kernels.cols_backward` with dy = dz."""
     n_r, n_c = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
                                          bits_shape)
-    dout, dx, dr = _at(dout, like, shape), _at(dx, like, shape), _at(dr, like, shape)
+    in_place = dz == dx  # dx overwrites dz: the loops then read and write one array
+    dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
     deriv = _at(deriv, like, shape if kept else (1, 1))
     dw, db = _at(dw, like, (n_c,)), _at(db, like, (n_c,))
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
+    mean = stats[0].copy()
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
     for blk in prange(n_blocks):
         z = np.empty(n_c)
-        g = np.empty(n_c)
         flags, words = _mask_scratch(bits.shape[2])
-        for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-            if code == 3 and not kept:
-                _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-            _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], flags, words, g,
-                      kept, deriv[row % deriv.shape[0]])
-            for c in range(n_c):
-                s1_part[blk, c] += g[c]
-                s2_part[blk, c] += g[c] * (np.float64(x[row, c]) - stats[0, c])
-            if need_dr:
-                for c in range(n_c):
-                    dr[row, c] = g[c]
+        row = blk * per_block
+        end = min(n_r, (blk + 1) * per_block)
+        while row < end:
+            last = min(end, row + 4)
+            for i in range(row, last):
+                if code == 3 and not kept:
+                    _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, z)
+                _dz_row(dout[i], code, slope, bits[0, i % bits.shape[1]], flags, words, z, kept,
+                        deriv[i % deriv.shape[0]], dz[i])
+            _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True)
+            row = last
     p = np.empty(n_c)
     q = np.empty(n_c)
     zc = np.empty(n_c)
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q,
                             zc)
-    if need_dx:
-        for blk in prange(n_blocks):
-            z = np.empty(n_c)
-            g = np.empty(n_c)
-            flags, words = _mask_scratch(bits.shape[2])
-            for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
-                if code == 3 and not kept:
-                    _z_row_cols(x[row], r[row % r.shape[0]], has_r, alpha, beta, z)
-                _grad_row(dout[row], z, code, slope, bits[0, row % bits.shape[1]], flags,
-                          words, g, kept, deriv[row % deriv.shape[0]])
-                for c in range(n_c):
-                    dx[row, c] = g[c] * p[c] + x[row, c] * q[c] + zc[c]
+    if need_dx and in_place:
+        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks)
+    elif need_dx:
+        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks)
 
 
 _KERNELS = {fn.__name__: fn for fn in (mid_act_forward, mid_act_backward, cols_act_forward,

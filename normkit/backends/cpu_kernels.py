@@ -417,6 +417,24 @@ def _block_grad_coefficients(stats, w, has_w, batch_stats, count, m0, m1, s_g, s
     return p, q, z
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db):
+    """BatchNorm backward of channels m0..m1-1 of (A, M, 1, S) x / dy: their sums
+    (`_block_row_sums`), dw / db (M,), and (need_dx) dx, walked sample by sample."""
+    sdy = np.zeros(m1 - m0)
+    sdyx = np.zeros(m1 - m0)
+    _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True)
+    p, q, z = _block_grad_coefficients(stats, w, has_w, batch_stats, x.shape[0] * x.shape[3],
+                                       m0, m1, sdy, sdyx, dw, db)
+    if need_dx:
+        for a in range(x.shape[0]):
+            for m in range(m0, m1):
+                i = m - m0
+                x_row, dy_row, dx_row = x[a, m, 0], dy[a, m, 0], dx[a, m, 0]
+                for s in range(x.shape[3]):
+                    dx_row[s] = dy_row[s] * p[i] + x_row[s] * q[i] + z[i]
+
+
 def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
                      group):
     """mid_backward for BatchNorm with short rows, by channel blocks walked in memory order
@@ -425,23 +443,12 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, l
     dw / db are (M,): the per-channel sums of dy·xhat and dy."""
     n_a, n_m, _, n_s = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w, dw, db = _at(w, like, (n_m, 1)), _at(dw, like, (n_m,)), _at(db, like, (n_m,))
+    w, dw, db = _at(w, like, (n_m,)), _at(dw, like, (n_m,)), _at(db, like, (n_m,))
     stats = _at(stats, np.float64, (3, n_m))
-    count = n_a * n_s
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
-        m1 = min(n_m, m0 + group)
-        sdy = np.zeros(m1 - m0)
-        sdyx = np.zeros(m1 - m0)
-        _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True)
-        p, q, z = _block_grad_coefficients(stats, w[:, 0], has_w, batch_stats, count, m0, m1,
-                                           sdy, sdyx, dw, db)
-        if need_dx:
-            for a in range(n_a):
-                for m in range(m0, m1):
-                    i = m - m0
-                    for s in range(n_s):
-                        dx[a, m, 0, s] = dy[a, m, 0, s] * p[i] + x[a, m, 0, s] * q[i] + z[i]
+        _block_backward(x, dy, w, has_w, stats, batch_stats, m0, min(n_m, m0 + group), need_dx,
+                        dx, dw, db)
 
 
 def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape, n_w):
