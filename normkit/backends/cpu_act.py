@@ -59,12 +59,14 @@ def _batch_layout(rank: int, channels: int) -> tuple[tuple[int, ...], tuple[int,
 _NO_BITS = torch.zeros((1, 1, 1), dtype=torch.uint8)  # the mask of acts that keep none (read-only)
 
 
-def _bits_shape(plan: Plan, code: int) -> tuple[int, int, int]:
-    """The 1-bit mask of z > 0 (relu / leaky_relu), packed along each row; else one byte."""
+def _bits_shape(plan: Plan, code: int, group: int) -> tuple[int, int, int]:
+    """The 1-bit mask of z > 0 (relu / leaky_relu), else one byte: packed per sample and
+    block of `group` channels for 'mid' (a block's rows of a sample are contiguous), per row
+    for 'cols'."""
     if code not in (1, 2):
         return (1, 1, 1)
     if plan.kind == "mid":
-        return (plan.A, plan.M, (plan.S + 7) // 8)
+        return (plan.A, (plan.M + group - 1) // group, (group * plan.S + 7) // 8)
     return (1, plan.A, (plan.M + 7) // 8)
 
 
@@ -78,7 +80,8 @@ class CpuBatchNormAct(torch.autograd.Function):
         code = ACT_CODES[act]
         out = cpu_buffers.empty_like(x)
         stats = cpu._stats_buffer(plan.M)
-        bits_shape = _bits_shape(plan, code)
+        group = cpu._row_group(plan, x) if plan.kind == "mid" else 1
+        bits_shape = _bits_shape(plan, code, group)
         bits = torch.empty(bits_shape, dtype=torch.uint8) if code in (1, 2) else _NO_BITS
         keep = code == 3 and not memory_efficient
         deriv = cpu_buffers.empty_like(x) if keep else None
@@ -93,7 +96,7 @@ class CpuBatchNormAct(torch.autograd.Function):
                 bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, bits_shape)
         if plan.kind == "mid":
-            k.mid_act_forward(*args, cpu._row_group(plan, x))
+            k.mid_act_forward(*args, group)
         else:
             k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
         if training and running_mean is not None:
@@ -102,6 +105,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         keep_residual = residual if code == 3 and not keep else None
         ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits, deriv)
         ctx.plan, ctx.code, ctx.slope, ctx.training = plan, code, slope, training
+        ctx.group = group
         ctx.has_residual = residual is not None
         return out
 
@@ -129,7 +133,7 @@ class CpuBatchNormAct(torch.autograd.Function):
                 cpu._address(dx), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
-            k.mid_act_backward(*args, cpu._row_group(plan, x))
+            k.mid_act_backward(*args, ctx.group)
         else:
             k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M), cpu._tasks(plan.A))
         dw = None if weight is None else dw.view(weight.shape)

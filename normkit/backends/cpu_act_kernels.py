@@ -3,11 +3,13 @@
 Same memory shapes and statistics as `cpu_kernels` (mid: (A, M, 1, S) BatchNorm NCHW; cols:
 (R, C) BatchNorm channels_last / 2D). Activation codes: 0 identity, 1 relu, 2 leaky_relu,
 3 silu (GELU runs as the composition, see `cpu_act`). For relu / leaky_relu the forward also
-writes a 1-bit mask of z > 0 (NaN counts as positive, as in torch), packed along the innermost
-axis of each row; the backward reads it instead of z. For silu the forward either keeps act'(z)
-in the data's dtype (`keep`; `deriv`, the shape of x) for the backward to read, or the backward
-recomputes z from x (and the residual). Work goes row by row through small float64 buffers
-(z, dz) so that each loop is simple enough to vectorize (e^x is `cpu_math.exp`, which does).
+writes a 1-bit mask of z > 0 (NaN counts as positive, as in torch); the backward reads it
+instead of z. It is packed along memory: per row for cols; for mid per sample and channel
+block (bits (A, blocks, bytes)), since a block's rows of one sample are contiguous and the
+backward turns them into dz in one loop. For silu the forward either keeps act'(z) in the
+data's dtype (`keep`; `deriv`, the shape of x) for the backward to read, or the backward
+recomputes z from x (and the residual) through a float64 row. The backward writes dz in the
+data's dtype, then runs BatchNorm's backward on it (`cpu_kernels`).
 Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's
 memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
 statistics) are viewed with extent 1 and indexed modulo their size. Every kernel exists serial
@@ -170,13 +172,12 @@ def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, leaky, slope, out_ro
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _dz_row(dout_row, code, slope, bits_row, flags, words, z, kept, d_row, dz_row):
-    """dz = dL/dz for one row, in the data's dtype (as torch's composition holds it): from the
-    packed mask (relu family, unpacked into the scratch `flags` through `words`), the kept
-    act'(z) or z (silu), or dout itself (identity)."""
+def _dz_row(dout_row, code, slope, flags, z, kept, d_row, dz_row):
+    """dz = dL/dz for one row (or run of rows), in the data's dtype (as torch's composition
+    holds it): from the mask's flags (relu family, unpacked by the caller), the kept act'(z)
+    or z (silu), or dout itself (identity)."""
     n = dz_row.shape[0]
     if code == 1 or code == 2:
-        _unpack_flags(bits_row, words)
         for i in range(n):
             dz_row[i] = _relu_family_grad(dout_row[i], flags[i], code == 2, slope)
     elif kept:
@@ -226,12 +227,13 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
                 r_row = r[a % r.shape[0], m % r.shape[1], 0]
                 if code == 1 or code == 2:
                     _relu_family_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0],
-                                     code == 2, slope, out[a, m, 0], flags)
-                    _pack_flags(words, bits[a, m])
+                                     code == 2, slope, out[a, m, 0], flags[(m - m0) * n_s:])
                 else:
                     _z_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0], z)
                     _act_row(z, code, slope, out[a, m, 0], keep,
                              deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
+            if code == 1 or code == 2:
+                _pack_flags(words, bits[a, blk])
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
@@ -249,21 +251,26 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
     dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
     deriv = _at(deriv, like, shape if kept else (1, 1, 1, 1))
     dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
+    dout_runs, dz_runs = dout.reshape(n_a, n_m * n_s), dz.reshape(n_a, n_m * n_s)
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
         z = np.empty(n_s)
         flags, words = _mask_scratch(bits.shape[2])
         for a in range(n_a):
+            if code == 1 or code == 2:
+                _unpack_flags(bits[a, blk], words)
+                _dz_row(dout_runs[a, m0 * n_s:m1 * n_s], code, slope, flags, z, kept, z,
+                        dz_runs[a, m0 * n_s:m1 * n_s])
+                continue
             for m in range(m0, m1):
                 if code == 3 and not kept:
                     alpha = stats[2, m] * w[m] if has_w else stats[2, m]
                     beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
                     _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha,
                            beta, z)
-                _dz_row(dout[a, m, 0], code, slope, bits[a % bits.shape[0], m % bits.shape[1]],
-                        flags, words, z, kept, deriv[a % deriv.shape[0], m % deriv.shape[1], 0],
-                        dz[a, m, 0])
+                _dz_row(dout[a, m, 0], code, slope, flags, z, kept,
+                        deriv[a % deriv.shape[0], m % deriv.shape[1], 0], dz[a, m, 0])
         if in_place:
             _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db)
         else:
@@ -330,8 +337,9 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
             for i in range(row, last):
                 if code == 3 and not kept:
                     _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, z)
-                _dz_row(dout[i], code, slope, bits[0, i % bits.shape[1]], flags, words, z, kept,
-                        deriv[i % deriv.shape[0]], dz[i])
+                if code == 1 or code == 2:
+                    _unpack_flags(bits[0, i], words)
+                _dz_row(dout[i], code, slope, flags, z, kept, deriv[i % deriv.shape[0]], dz[i])
             _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True)
             row = last
     p = np.empty(n_c)
