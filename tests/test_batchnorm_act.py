@@ -146,7 +146,11 @@ def test_memory_efficient_saves_less_than_torch(residual):
 
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "silu"])
 @pytest.mark.parametrize("layout", [None, torch.channels_last])
-def test_fused_kernel_runs_on_cpu(layout, act):
+def test_fused_kernel_runs_on_cpu(monkeypatch, layout, act):
+    """With a grad: the fused autograd node. Without (no_grad): the same kernels called
+    directly, no node; the outputs and running statistics equal torch's composition."""
+    from normkit.backends import cpu_act
+
     m = normkit.BatchNormAct2d(4, act=act)
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     if layout is not None:
@@ -155,6 +159,19 @@ def test_fused_kernel_runs_on_cpu(layout, act):
         assert "CpuBatchNormAct" in type(m(x).grad_fn).__name__
     with normkit.use_backend("reference"):
         assert "CpuBatchNormAct" not in type(m(x).grad_fn).__name__
+    calls = []
+    fused = cpu_act.fused_forward
+    monkeypatch.setattr(cpu_act, "fused_forward", lambda *a: calls.append(1) or fused(*a))
+    bn = tnn.BatchNorm2d(4)
+    bn.load_state_dict(m.state_dict())
+    residual = torch.randn(x.shape)
+    with torch.no_grad(), normkit.use_backend(None):
+        y = m(x, residual)
+        expected = ACTS[act](bn(x) + residual, 0.01)
+    assert calls and y.grad_fn is None
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(m.running_mean, bn.running_mean)
+    torch.testing.assert_close(m.running_var, bn.running_var)
 
 
 def test_gelu_runs_as_the_composition_on_cpu():

@@ -357,6 +357,9 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
         return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
                                         training, momentum, eps, act, negative_slope,
                                         memory_efficient)
-    return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, running_mean, running_var,
-                                         training, momentum, eps, act, negative_slope,
-                                         memory_efficient, plan)
+    call = (running_mean, running_var, training, momentum, eps, act, negative_slope,
+            memory_efficient, plan)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, call)
+    return cpu_act.fused_forward(x, weight, bias, residual, call)[0]

@@ -70,42 +70,53 @@ def _bits_shape(plan: Plan, code: int, group: int) -> tuple[int, int, int]:
     return (1, plan.A, (plan.M + 7) // 8)
 
 
+def fused_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  residual: Tensor | None, call: tuple) -> tuple[Tensor, tuple]:
+    """(out, saved) of act(batch_norm(x) + residual) on the kernels, with `call` =
+    (running_mean, running_var, training, momentum, eps, act, slope, memory_efficient, plan);
+    `saved` is what the backward reads: (x, weight, bias, kept residual, stats, mask, deriv,
+    channel block)."""
+    running_mean, running_var, training, momentum, eps, act, slope, memory_efficient, plan = call
+    k = _kernels(x.numel())
+    code = ACT_CODES[act]
+    out = cpu_buffers.empty_like(x)
+    stats = cpu._stats_buffer(plan.M)
+    group = cpu._row_group(plan, x) if plan.kind == "mid" else 1
+    bits_shape = _bits_shape(plan, code, group)
+    bits = torch.empty(bits_shape, dtype=torch.uint8) if code in (1, 2) else _NO_BITS
+    keep = code == 3 and not memory_efficient
+    deriv = cpu_buffers.empty_like(x) if keep else None
+    weight, bias = cpu._dense(weight), cpu._dense(bias)
+    given = not training
+    mean, var = (cpu._dense(running_mean), cpu._dense(running_var)) if given else (None, None)
+    if residual is not None:
+        residual = with_strides_of(residual, x)
+    args = (x.data_ptr(), cpu._address(residual), residual is not None,
+            cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
+            given, cpu._address(mean), cpu._address(var), eps, code, slope, out.data_ptr(),
+            bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
+            plan.array_shape, bits_shape)
+    if plan.kind == "mid":
+        k.mid_act_forward(*args, group)
+    else:
+        k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
+    if training and running_mean is not None:
+        cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
+                               momentum)
+    keep_residual = residual if code == 3 and not keep else None
+    return out, (x, weight, bias, keep_residual, stats, bits, deriv, group)
+
+
 class CpuBatchNormAct(torch.autograd.Function):
-    """Fused act(batch_norm(x) + residual) on the numba kernels (first-order autograd)."""
+    """Fused act(batch_norm(x) + residual) on the numba kernels (first-order autograd);
+    `call` as in `fused_forward`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum,
-                eps, act, slope, memory_efficient, plan):
-        k = _kernels(x.numel())
-        code = ACT_CODES[act]
-        out = cpu_buffers.empty_like(x)
-        stats = cpu._stats_buffer(plan.M)
-        group = cpu._row_group(plan, x) if plan.kind == "mid" else 1
-        bits_shape = _bits_shape(plan, code, group)
-        bits = torch.empty(bits_shape, dtype=torch.uint8) if code in (1, 2) else _NO_BITS
-        keep = code == 3 and not memory_efficient
-        deriv = cpu_buffers.empty_like(x) if keep else None
-        weight, bias = cpu._dense(weight), cpu._dense(bias)
-        given = not training
-        mean, var = (cpu._dense(running_mean), cpu._dense(running_var)) if given else (None, None)
-        if residual is not None:
-            residual = with_strides_of(residual, x)
-        args = (x.data_ptr(), cpu._address(residual), residual is not None,
-                cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
-                given, cpu._address(mean), cpu._address(var), eps, code, slope, out.data_ptr(),
-                bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
-                plan.array_shape, bits_shape)
-        if plan.kind == "mid":
-            k.mid_act_forward(*args, group)
-        else:
-            k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
-        if training and running_mean is not None:
-            cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
-                                   momentum)
-        keep_residual = residual if code == 3 and not keep else None
-        ctx.save_for_backward(x, weight, bias, keep_residual, stats, bits, deriv)
-        ctx.plan, ctx.code, ctx.slope, ctx.training = plan, code, slope, training
-        ctx.group = group
+    def forward(ctx, x, weight, bias, residual, call):
+        out, saved = fused_forward(x, weight, bias, residual, call)
+        ctx.save_for_backward(*saved[:7])
+        ctx.plan, ctx.code, ctx.slope, ctx.training = call[8], ACT_CODES[call[5]], call[6], call[2]
+        ctx.group = saved[7]
         ctx.has_residual = residual is not None
         return out
 
@@ -136,6 +147,6 @@ class CpuBatchNormAct(torch.autograd.Function):
             k.mid_act_backward(*args, ctx.group)
         else:
             k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M), cpu._tasks(plan.A))
-        dw = None if weight is None else dw.view(weight.shape)
-        db = None if bias is None else db.view(bias.shape)
-        return dx, dw, db, dr, None, None, None, None, None, None, None, None, None
+        dw = None if weight is None else dw  # (C,): the weight's own shape
+        db = None if bias is None else db
+        return dx, dw, db, dr, None
