@@ -113,10 +113,11 @@ class CpuBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, call):
-        out, saved = fused_forward(x, weight, bias, residual, call)
-        ctx.save_for_backward(*saved[:7])
-        ctx.plan, ctx.code, ctx.slope, ctx.training = call[8], ACT_CODES[call[5]], call[6], call[2]
-        ctx.group = saved[7]
+        out, (*saved, group) = fused_forward(x, weight, bias, residual, call)
+        ctx.save_for_backward(*saved)
+        _, _, training, _, _, act, slope, _, plan = call
+        ctx.plan, ctx.code, ctx.slope, ctx.training = plan, ACT_CODES[act], slope, training
+        ctx.group = group
         ctx.has_residual = residual is not None
         return out
 
