@@ -182,12 +182,13 @@ def _backward_launch(plan: Plan, x: Tensor) -> tuple:
 
 def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
               batch_stats: bool, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx, dw, db); dw / db have x's dtype and the plan's weight shape (summed over the
-    dims the weight is broadcast along)."""
+    """(dx, dw, db); dw / db have x's dtype and are flat: the plan's weight shape's values
+    (summed over the dims the weight is broadcast along) in order. Flat because a tensor made
+    or viewed with a shape tuple costs 2-4 us more than one of a single size (measured)."""
     kernel, takes_batch_stats, tail = _backward_launch(plan, x)
     dy = with_strides_of(dy, x)
     dx = cpu_buffers.empty_like(x) if need_dx else None
-    dw = torch.empty(plan.weight_shape, dtype=x.dtype)  # torch-owned: they become .grad
+    dw = torch.empty(plan.weight_numel, dtype=x.dtype)  # torch-owned: they become .grad
     db = torch.empty_like(dw)
     weight = _dense(weight)
     args = (x.data_ptr(), dy.data_ptr(), _address(weight), weight is not None, stats.data_ptr())
@@ -238,10 +239,10 @@ class _CpuNormalize(torch.autograd.Function):
             dx, dw, db = _differentiable_backward(ctx.call, x, dy, weight, bias, need_dx)
         else:
             dx, dw, db = _backward(plan, x, dy, weight, stats, mean is None, need_dx)
-        if weight is not None and dw.shape != weight.shape:
-            dw = dw.view(weight.shape)
-        if bias is not None and db.shape != bias.shape:
-            db = db.view(bias.shape)
+        if weight is not None and dw.dim() != weight.dim():
+            dw = dw.view_as(weight)
+        if bias is not None and db.dim() != bias.dim():
+            db = db.view_as(bias)
         return dx, (dw if weight is not None else None), (db if bias is not None else None), None
 
 

@@ -34,8 +34,7 @@ def _(x, weight, bias, mean, var, eps, kind, sizes):
 def normalize_backward(x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
                        batch_stats: bool, need_dx: bool, kind: str,
                        sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db in the plan's
-    weight shape."""
+    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db flat."""
     from normkit.backends import cpu
 
     dx, dw, db = cpu._backward(Plan(kind, *sizes), x, dy, weight, stats, batch_stats, need_dx)
@@ -46,7 +45,7 @@ def normalize_backward(x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tens
 def _(x, dy, weight, stats, batch_stats, need_dx, kind, sizes):
     plan = Plan(kind, *sizes)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dw = x.new_empty(plan.weight_shape)
+    dw = x.new_empty(plan.weight_numel)
     return dx, dw, torch.empty_like(dw)
 
 

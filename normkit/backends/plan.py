@@ -34,6 +34,7 @@ class Plan:
     array_shape: tuple[int, ...] = field(init=False)
     weight_shape: tuple[int, ...] = field(init=False)
     items: int = field(init=False)  # number of (mean, var) pairs produced
+    weight_numel: int = field(init=False)
     # What a backend decided for this plan (kernel, launch sizes), keyed as it likes: plans are
     # cached per call shape, so the decision is made once per shape, not once per call.
     launches: dict = field(init=False, compare=False, repr=False, default_factory=dict)
@@ -48,6 +49,7 @@ class Plan:
         object.__setattr__(self, "array_shape", shapes[0])
         object.__setattr__(self, "weight_shape", shapes[1])
         object.__setattr__(self, "items", self.A * self.Wm if self.kind == "nsc" else self.M)
+        object.__setattr__(self, "weight_numel", math.prod(shapes[1]))
 
 
 def _varying_only_at(param_shape: tuple[int, ...], x_shape: tuple[int, ...], dims) -> bool:
