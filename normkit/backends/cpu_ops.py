@@ -34,18 +34,21 @@ def _(x, weight, bias, mean, var, eps, kind, sizes):
 def normalize_backward(x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
                        batch_stats: bool, need_dx: bool, kind: str,
                        sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db flat."""
+    """(dx, dw, db) of `cpu._backward`; dx is empty when not needed, dw/db in the plan's
+    weight shape (the op's contract: compiled graphs cached by torch.compile assert it)."""
     from normkit.backends import cpu
 
-    dx, dw, db = cpu._backward(Plan(kind, *sizes), x, dy, weight, stats, batch_stats, need_dx)
-    return (x.new_empty(0) if dx is None else dx), dw, db
+    plan = Plan(kind, *sizes)
+    dx, dw, db = cpu._backward(plan, x, dy, weight, stats, batch_stats, need_dx)
+    return ((x.new_empty(0) if dx is None else dx), dw.view(plan.weight_shape),
+            db.view(plan.weight_shape))
 
 
 @normalize_backward.register_fake
 def _(x, dy, weight, stats, batch_stats, need_dx, kind, sizes):
     plan = Plan(kind, *sizes)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    dw = x.new_empty(plan.weight_numel)
+    dw = x.new_empty(plan.weight_shape)
     return dx, dw, torch.empty_like(dw)
 
 
