@@ -360,7 +360,6 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
                                         memory_efficient)
     call = (running_mean, running_var, training, momentum, eps, act, negative_slope,
             memory_efficient, plan)
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+    if reference.needs_grad(x, weight, bias, residual):
         return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, call)
     return cpu_act.fused_forward(x, weight, bias, residual, call)[0]

@@ -26,10 +26,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def needs_grad(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """True when autograd records a normalize call of these inputs."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """True when autograd records a call of these inputs (None: an absent one)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def batch_stats(xf: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
