@@ -106,20 +106,56 @@ def test_plans(shape, dims, param, kind):
     assert (plan.kind if plan else None) == kind
 
 
-def test_bitwise_deterministic_and_thread_count_independent():
-    x = torch.randn(16, 8, 20, 20) * 5 + 2
-    dy = torch.randn_like(x)
-    results = []
-    old = torch.get_num_threads()
+F64 = torch.float64
+
+
+def _thread_cases():
+    """Layers and inputs large enough for the parallel kernels (cpu.SERIAL_BELOW); float64, where
+    a different order of the sums shows in the last bits."""
+    cl = torch.channels_last
+    return {
+        "bn_rows": (lambda: normkit.BatchNorm2d(8, dtype=F64), (16, 8, 24, 24), None),
+        "bn_short_rows": (lambda: normkit.BatchNorm2d(64, dtype=F64), (32, 64, 7, 7), None),
+        "bn_channels_last": (lambda: normkit.BatchNorm2d(64, dtype=F64), (32, 64, 7, 7), cl),
+        "gn": (lambda: normkit.GroupNorm(4, 64, dtype=F64), (8, 64, 12, 12), None),
+        "gn_channels_last": (lambda: normkit.GroupNorm(4, 64, dtype=F64), (8, 64, 12, 12), cl),
+        "in": (lambda: normkit.InstanceNorm2d(64, affine=True, dtype=F64), (8, 64, 12, 12), None),
+        "ln": (lambda: normkit.LayerNorm(512, dtype=F64), (256, 512), None),
+        "bn_add_relu": (lambda: normkit.BatchNormAct2d(64, dtype=F64), (32, 64, 7, 7), None),
+        "bn_add_relu_channels_last": (lambda: normkit.BatchNormAct2d(64, dtype=F64),
+                                      (32, 64, 7, 7), cl),
+    }
+
+
+@pytest.mark.parametrize("case", list(_thread_cases()))
+def test_bitwise_deterministic_and_thread_count_independent(case):
+    """Same bits from run to run and with 1 or 2 threads: outputs, input (and residual) grads,
+    parameter grads, running statistics."""
     import numba
-    for threads in (2, 2, 1):
-        numba.set_num_threads(threads)
-        m = normkit.BatchNorm2d(8)
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.backward(dy)
-        results.append((y, xi.grad, m.weight.grad, m.bias.grad, m.running_var))
-    numba.set_num_threads(old if old <= numba.config.NUMBA_NUM_THREADS else 2)
+
+    build, shape, layout = _thread_cases()[case]
+    gen = torch.Generator().manual_seed(3)
+    x, dy, residual = (torch.randn(shape, generator=gen, dtype=F64) * 5 + 2 for _ in range(3))
+    if layout is not None:
+        x, dy, residual = (t.contiguous(memory_format=layout) for t in (x, dy, residual))
+    assert x.numel() >= cpu.SERIAL_BELOW
+    fused = case.startswith("bn_add_relu")
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for threads in (2, 2, 1):
+            numba.set_num_threads(threads)
+            m = build()
+            leaves = [x.clone().requires_grad_()] + ([residual.clone().requires_grad_()]
+                                                     if fused else [])
+            with normkit.use_backend("cpu"):
+                y = m(*leaves)
+            y.backward(dy)
+            buffers = [b for b in (getattr(m, "running_var", None),) if b is not None]
+            results.append([y] + [t.grad for t in leaves] + [m.weight.grad, m.bias.grad]
+                           + buffers)
+    finally:
+        numba.set_num_threads(old)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
