@@ -120,6 +120,8 @@ def _thread_cases():
         "gn": (lambda: normkit.GroupNorm(4, 64, dtype=F64), (8, 64, 12, 12), None),
         "gn_channels_last": (lambda: normkit.GroupNorm(4, 64, dtype=F64), (8, 64, 12, 12), cl),
         "in": (lambda: normkit.InstanceNorm2d(64, affine=True, dtype=F64), (8, 64, 12, 12), None),
+        "in_short_items": (lambda: normkit.InstanceNorm2d(64, affine=True, dtype=F64),
+                           (33, 64, 7, 7), None),
         "ln": (lambda: normkit.LayerNorm(512, dtype=F64), (256, 512), None),
         "bn_add_relu": (lambda: normkit.BatchNormAct2d(64, dtype=F64), (32, 64, 7, 7), None),
         "bn_add_relu_channels_last": (lambda: normkit.BatchNormAct2d(64, dtype=F64),
@@ -331,3 +333,40 @@ def test_wide_rows_in_pairs(rows):
         runs.append([y.detach()] + [t.grad for t in leaves])
     for a, e in zip(*runs):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("items", [4, 5, 6, 7, 4099])
+@pytest.mark.parametrize("length", [2, 9, 49, cpu_kernels.ITEM_QUADS_BELOW - 1])
+@pytest.mark.parametrize("affine", [True, False])
+def test_short_items_four_at_a_time(items, length, affine):
+    """InstanceNorm over items shorter than ITEM_QUADS_BELOW runs the four-items kernel (item
+    counts with 0 to 3 items left over, serial and parallel sizes): equal to the reference
+    (float64, 1e-12); each item is shifted by its own first value, so the variance of an item
+    of std 3e-3 keeps its digits when the items' means are 1e6 apart."""
+    channels = 4099 if items == 4099 else 1
+    x0 = torch.randn(items // channels, channels, length, dtype=F64) * 3 + 1
+    w0 = torch.linspace(0.5, 1.5, channels, dtype=F64) if affine else None
+    b0 = torch.linspace(-1, 1, channels, dtype=F64) if affine else None
+    plan = cpu._plan(x0, w0, b0, (2,), None, None, (1, channels, 1))
+    assert cpu._forward_launch(plan, x0, False)[0].__name__.startswith("items_forward_train")
+    outs = []
+    for name in ("cpu", "reference"):
+        x = x0.clone().requires_grad_()
+        with normkit.use_backend(name):
+            y = nF.instance_norm(x, weight=w0, bias=b0, eps=1e-3)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=F64)).view_as(y))
+        outs.append((y, x.grad))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    far = x0 * 1e-3 + 1e6 * torch.arange(items, dtype=F64).remainder(3).view_as(x0[..., :1])
+    _, stats = cpu._forward(plan, far, w0, b0, 1e-3, None, None)
+    centered = far - far.mean(dim=2, keepdim=True)  # two-pass: exact enough at this offset
+    # atol: var is about 1e-5; one shift for all would be off by about 1e-3
+    torch.testing.assert_close(stats[1], centered.square().mean(dim=2).flatten(), rtol=1e-9,
+                               atol=1e-16)
+
+
+def test_long_items_take_the_plain_kernel():
+    x = torch.randn(2, 3, cpu_kernels.ITEM_QUADS_BELOW)
+    plan = cpu._plan(x, None, None, (2,), None, None, None)
+    assert cpu._forward_launch(plan, x, False)[0].__name__.startswith("mid_forward_train")

@@ -94,6 +94,13 @@ def _short_rows(plan: Plan, x: Tensor) -> bool:
             and plan.S * x.element_size() < SHORT_ROW_BYTES)
 
 
+def _short_items(plan: Plan) -> bool:
+    """Statistics per contiguous run shorter than ITEM_QUADS_BELOW elements (InstanceNorm and
+    one-channel GroupNorm at small spatial sizes, a batch of one)."""
+    return (plan.kind == "mid" and plan.A == 1 and plan.J == 1
+            and plan.S < _kernel_module().ITEM_QUADS_BELOW)
+
+
 def _row_group(plan: Plan, x: Tensor) -> int:
     """Channels per block of the short-row kernels: ROW_GROUP_BYTES of each tensor."""
     return max(1, min(plan.M, ROW_GROUP_BYTES // (plan.A * plan.S * x.element_size())))
@@ -127,6 +134,8 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
                       False)
         elif _short_rows(plan, x):
             launch = (k.rowwise_forward_train, (*tail, _row_group(plan, x)), False)
+        elif _short_items(plan):
+            launch = (k.items_forward_train, (*tail, plan.Wm), False)
         elif plan.kind == "mid":
             launch = (k.mid_forward_train, (*tail, plan.Wm), False)
         elif plan.kind == "rows":

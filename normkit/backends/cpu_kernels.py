@@ -253,6 +253,75 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
                     y[a, m, j, s] = x[a, m, j, s] * alpha + beta
 
 
+# Items (contiguous runs of S elements, each with its own statistics) shorter than this are
+# summed four at a time: at S = 49 one item's two reductions cost about as much as its
+# elements (InstanceNorm 65536x49 forward, kernel alone: 2.1 -> 1.4 ms; 98304x32 2.1 -> 1.2;
+# 49152x64 1.7 -> 1.3; at 100 no clear gain, from 128 on slower).
+ITEM_QUADS_BELOW = 96
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _four_item_sums(x, m, c0, c1, c2, c3):
+    """Shifted sums (Σd, Σd²) of rows m..m+3 of x (M, S), d = x[m + i] - c_i, in one loop:
+    Σd of the four rows, then Σd² of the four rows."""
+    x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
+    a0 = a1 = a2 = a3 = 0.0
+    b0 = b1 = b2 = b3 = 0.0
+    for s in range(x.shape[1]):
+        d0 = np.float64(x0[s]) - c0
+        d1 = np.float64(x1[s]) - c1
+        d2 = np.float64(x2[s]) - c2
+        d3 = np.float64(x3[s]) - c3
+        a0 += d0
+        a1 += d1
+        a2 += d2
+        a3 += d3
+        b0 += d0 * d0
+        b1 += d1 * d1
+        b2 += d2 * d2
+        b3 += d3 * d3
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
+    """mid_forward_train for many short items (A = J = 1: InstanceNorm / GroupNorm with one
+    channel per group at small spatial sizes), four items' statistics per loop, each item
+    shifted by its own first element; then each item normalized from cache."""
+    n_m, n_s = shape[1], shape[3]
+    x, y = _at(x, like, (n_m, n_s)), _at(y, like, (n_m, n_s))
+    w, b = _at(w, like, (n_w,)), _at(b, like, (n_w,))
+    stats = _at(stats, np.float64, (3, n_m))
+    for quad in prange((n_m + 3) // 4):
+        m0 = 4 * quad
+        m1 = min(m0 + 4, n_m)
+        if m1 - m0 == 4:
+            c0, c1 = np.float64(x[m0, 0]), np.float64(x[m0 + 1, 0])
+            c2, c3 = np.float64(x[m0 + 2, 0]), np.float64(x[m0 + 3, 0])
+            a0, a1, a2, a3, b0, b1, b2, b3 = _four_item_sums(x, m0, c0, c1, c2, c3)
+            _finish(a0, b0, c0, n_s, eps, stats, m0)
+            _finish(a1, b1, c1, n_s, eps, stats, m0 + 1)
+            _finish(a2, b2, c2, n_s, eps, stats, m0 + 2)
+            _finish(a3, b3, c3, n_s, eps, stats, m0 + 3)
+        else:
+            for m in range(m0, m1):
+                shift = np.float64(x[m, 0])
+                s1 = 0.0
+                s2 = 0.0
+                for s in range(n_s):
+                    d = np.float64(x[m, s]) - shift
+                    s1 += d
+                    s2 += d * d
+                _finish(s1, s2, shift, n_s, eps, stats, m)
+        for m in range(m0, m1):
+            k = m % n_w
+            alpha = stats[2, m] * w[k] if has_w else stats[2, m]
+            beta = (b[k] if has_b else 0.0) - stats[0, m] * alpha
+            xr = x[m]
+            yr = y[m]
+            for s in range(n_s):
+                yr[s] = xr[s] * alpha + beta
+
+
 def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, like, shape,
                       n_w):
     """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = n_stat).
@@ -502,14 +571,22 @@ def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like,
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _sum_groups(part, n_w, out):
-    """out[k, j] = Σ part[m, j] over m = k, k + n_w, ..., added in that order in float64."""
-    total = part[:n_w].copy()
-    for m in range(n_w, part.shape[0]):
-        for j in range(part.shape[1]):
-            total[m % n_w, j] += part[m, j]
-    for k in range(n_w):
-        for j in range(part.shape[1]):
-            out[k, j] = total[k, j]
+    """out[k, j] = Σ part[m, j] over m = k, k + n_w, ..., added in that order in float64.
+
+    Walked as flat runs of n_w rows (a vectorized add per run, no m % n_w per element:
+    65536x1 rows into 2048 took 0.20 ms the per-element way, 0.011 ms this way)."""
+    n_m, n_j = part.shape
+    width = n_w * n_j
+    flat = part.reshape(n_m * n_j)
+    total = flat[:width].copy()
+    for start in range(width, n_m * n_j, width):
+        run = flat[start:start + width]
+        head = total[:run.shape[0]]
+        for i in range(run.shape[0]):
+            head[i] += run[i]
+    flat_out = out.reshape(width)
+    for i in range(width):
+        flat_out[i] = total[i]
 
 
 def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
@@ -752,7 +829,8 @@ def _compile(fn, parallel: bool):
 
 _KERNELS = {
     fn.__name__: fn
-    for fn in (mid_forward_train, mid_forward_given, mid_backward, rowwise_forward_train,
+    for fn in (mid_forward_train, items_forward_train, mid_forward_given, mid_backward,
+               rowwise_forward_train,
                rowwise_backward, rows_forward_train,
                rows_backward, cols_forward_train, cols_forward_given, cols_backward,
                nsc_forward_train, nsc_backward)
