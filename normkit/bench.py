@@ -11,8 +11,9 @@ rotating so that their bytes exceed the L2 cache (`GPU_ROTATION_BYTES`): the num
 device throughput from memory, not from cache, with the host's launches overlapped as in a
 training loop. On the CPU a repetition repeats a call that takes less than
 `CPU_MIN_REP_SECONDS` until it lasts that long, so small shapes are timed in a steady state
-rather than by single sub-millisecond readings. Input grads are reset to None before each call,
-so no time goes to accumulating them.
+rather than by single sub-millisecond readings. torch's and normkit's repetitions (and
+torch.compile's) alternate, so a slow spell of a shared machine does not fall on one of them.
+Input grads are reset to None before each call, so no time goes to accumulating them.
 """
 
 from __future__ import annotations
@@ -105,35 +106,52 @@ def _sync(device: str) -> None:
 
 def median_time(fn: Callable[[], object], device: str, reps: int, warmup: int = 2,
                 calls: int = 1) -> float:
-    """Median seconds of one fn() call. On CUDA each repetition is `calls` back-to-back calls
-    between device events; elsewhere the host clock times enough back-to-back calls to last
-    CPU_MIN_REP_SECONDS (at least one)."""
-    for _ in range(max(warmup, calls)):
-        fn()
-    _sync(device)
-    if not device.startswith("cuda"):
+    """Median seconds of one fn() call (see `median_times`)."""
+    return median_times([fn], device, reps, warmup, calls)[0]
+
+
+def median_times(fns: list[Callable[[], object]], device: str, reps: int, warmup: int = 2,
+                 calls: int = 1) -> list[float]:
+    """Median seconds of one call of each fn, their repetitions interleaved (fn 0, fn 1, ...,
+    fn 0, ...) so that a slow spell of a shared machine falls on every fn alike. On CUDA each
+    repetition is `calls` back-to-back calls between device events; elsewhere the host clock
+    times enough back-to-back calls to last CPU_MIN_REP_SECONDS (at least one)."""
+    cuda = device.startswith("cuda")
+    counts = []
+    for fn in fns:
+        for _ in range(max(warmup, calls)):
+            fn()
+        _sync(device)
+        if cuda:
+            counts.append(calls)
+            continue
         start_s = time.perf_counter()
         fn()
         _sync(device)
         once = time.perf_counter() - start_s
-        calls = max(1, min(1000, int(CPU_MIN_REP_SECONDS / max(once, 1e-7))))
-    times = []
+        counts.append(max(1, min(1000, int(CPU_MIN_REP_SECONDS / max(once, 1e-7)))))
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / calls)
-        else:
-            start_s = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            _sync(device)
-            times.append((time.perf_counter() - start_s) / calls)
-    return statistics.median(times)
+        for fn, n, record in zip(fns, counts, times):
+            record.append(_repetition(fn, n, device) / n)
+    return [statistics.median(t) for t in times]
+
+
+def _repetition(fn: Callable[[], object], calls: int, device: str) -> float:
+    """Seconds of `calls` back-to-back fn() calls (device time on CUDA)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return time.perf_counter() - start_s
 
 
 def copy_bandwidth(device: str, reps: int = 10) -> float:
@@ -228,13 +246,13 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
     tolerance = 1e-3 if dtype == torch.float32 else 0.1
     if not err <= tolerance:
         raise AssertionError(f"{op.name} {shape}: normkit differs from torch by {err}")
-    t_torch = median_time(_runner(modules[tnn], inputs, op.passes), device, reps, calls=calls)
-    t_nk = median_time(_runner(modules[normkit], inputs, op.passes), device, reps, calls=calls)
-    t_compile = None
+    runners = [_runner(modules[lib], inputs, op.passes) for lib in (tnn, normkit)]
     if with_compile:
         compiled = torch.compile(op.build(tnn, channels).to(device).train(op.train))
-        t_compile = median_time(_runner(compiled, inputs, op.passes), device, reps, warmup=3,
-                                calls=calls)
+        runners.append(_runner(compiled, inputs, op.passes))
+    t_torch, t_nk, *t_rest = median_times(runners, device, reps, warmup=3 if with_compile else 2,
+                                          calls=calls)
+    t_compile = t_rest[0] if with_compile else None
     ideal = op.ideal_factor * x.numel() * x.element_size()
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,

@@ -74,3 +74,25 @@ def test_tune_sweeps_and_restores_constants():
     assert set(report["best"]) == set(knobs)
     text = gpu_tune.format_report(report)
     assert "APPLY_BLOCK = " in text and "SPLIT_ELEMENTS = " in text
+
+
+def test_repetitions_alternate_between_contenders(monkeypatch):
+    """median_times interleaves the repetitions (a slow spell hits every contender alike) and
+    times each by its own calls: a call that takes 3/8 of CPU_MIN_REP_SECONDS runs twice per
+    repetition, one that takes the whole of it once."""
+    monkeypatch.setattr(bench, "CPU_MIN_REP_SECONDS", 0.004)
+    order = []
+
+    def contender(name, seconds):
+        def run():
+            order.append(name)
+            end = bench.time.perf_counter() + seconds
+            while bench.time.perf_counter() < end:
+                pass
+        return run
+
+    fast, slow = contender("fast", 0.0015), contender("slow", 0.0041)
+    t_fast, t_slow = bench.median_times([fast, slow], "cpu", reps=3, warmup=1)
+    timed = order[-9:]  # after warm-up and the one-call probes: 3 x (fast, fast, slow)
+    assert timed == ["fast", "fast", "slow"] * 3
+    assert 0.0015 <= t_fast < t_slow and 0.0041 <= t_slow
