@@ -3,8 +3,9 @@
 Ideal bytes: forward 2x the input's bytes (read x, write y); forward+backward 5x (read x,
 write y, read dy, read x, write dx); fused BN+add+ReLU forward+backward 7x (read x and the
 residual, write y; read dy and x, write dx and the residual's grad). Each row also gives the
-% of a copy bandwidth measured in the same run (bytes read + written by `dst.copy_(src)` on
-a 256 MiB buffer). Before timing, normkit's result is checked against torch's once.
+% of a copy bandwidth (bytes read + written by `dst.copy_(src)` on a 256 MiB buffer) timed
+alongside that row, its repetitions interleaved with torch's and normkit's. Before timing,
+normkit's result is checked against torch's once.
 
 On CUDA each repetition is timed with device events around one call per input set, the sets
 rotating so that their bytes exceed the L2 cache (`GPU_ROTATION_BYTES`): the numbers are
@@ -94,6 +95,7 @@ class Row:
     speedup: float
     normkit_gbps: float
     torch_gbps: float
+    copy_gbps: float  # of the copy timed alongside (its repetitions interleaved with the row's)
     normkit_pct_copy: float
     torch_pct_copy: float
     max_abs_err: float
@@ -154,12 +156,24 @@ def _repetition(fn: Callable[[], object], calls: int, device: str) -> float:
     return time.perf_counter() - start_s
 
 
-def copy_bandwidth(device: str, reps: int = 10) -> float:
-    """GB/s of `dst.copy_(src)` on 256 MiB (bytes read + bytes written)."""
-    src = torch.empty(64 << 20, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    seconds = median_time(lambda: dst.copy_(src), device, reps)
-    return 2 * src.numel() * src.element_size() / seconds / 1e9
+@dataclass(frozen=True)
+class Copy:
+    """`dst.copy_(src)` on 256 MiB: the memory-bandwidth reference (bytes read + written)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+
+    @classmethod
+    def on(cls, device: str) -> Copy:
+        src = torch.empty(64 << 20, dtype=torch.float32, device=device).uniform_()
+        return cls(src, torch.empty_like(src))
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.src.numel() * self.src.element_size()
+
+    def __call__(self) -> None:
+        self.dst.copy_(self.src)
 
 
 def shapes_for(op: Op, quick: bool, device: str = "cpu") -> list[tuple[int, ...]]:
@@ -236,8 +250,10 @@ def time_normkit(op: Op, inputs: Inputs, device: str, reps: int) -> float:
 
 
 def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, device: str,
-              reps: int, with_compile: bool, copy_gbps: float) -> Row:
-    """Time torch and normkit (and torch.compile) on one op, shape, dtype and layout."""
+              reps: int, with_compile: bool, copy: Copy) -> Row:
+    """Time torch and normkit (and torch.compile) on one op, shape, dtype and layout, and
+    `copy` alongside them: the row's % of copy compares with the bandwidth of the same minutes
+    (a shared machine's copy figure moves by tens of % from minute to minute)."""
     inputs = make_inputs(op, shape, dtype, layout, device)
     x, channels, calls = inputs.x, inputs.channels, len(inputs.xs)
     modules = {lib: op.build(lib, channels).to(device).train(op.train) for lib in (tnn, normkit)}
@@ -250,15 +266,16 @@ def bench_one(op: Op, shape: tuple[int, ...], dtype: torch.dtype, layout: str, d
     if with_compile:
         compiled = torch.compile(op.build(tnn, channels).to(device).train(op.train))
         runners.append(_runner(compiled, inputs, op.passes))
-    t_torch, t_nk, *t_rest = median_times(runners, device, reps, warmup=3 if with_compile else 2,
-                                          calls=calls)
+    t_copy, t_torch, t_nk, *t_rest = median_times(
+        [copy, *runners], device, reps, warmup=3 if with_compile else 2, calls=calls)
     t_compile = t_rest[0] if with_compile else None
     ideal = op.ideal_factor * x.numel() * x.element_size()
+    copy_gbps = copy.nbytes / t_copy / 1e9
     return Row(
         op.name, tuple(shape), str(dtype).removeprefix("torch."), layout, device,
         normkit.backends.backend_for(x).name, t_torch * 1e3, t_nk * 1e3,
         None if t_compile is None else t_compile * 1e3,
-        t_torch / t_nk, ideal / t_nk / 1e9, ideal / t_torch / 1e9,
+        t_torch / t_nk, ideal / t_nk / 1e9, ideal / t_torch / 1e9, copy_gbps,
         100 * ideal / t_nk / 1e9 / copy_gbps, 100 * ideal / t_torch / 1e9 / copy_gbps, err,
     )
 
@@ -273,7 +290,7 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
     from tqdm import tqdm
 
     reps = 5 if quick else 10
-    copy_gbps = copy_bandwidth(device)
+    copy = Copy.on(device)
     with_compile = device.startswith("cuda") if compile is None else compile
     jobs = []
     for name in ops:
@@ -288,8 +305,9 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
                         continue
                     jobs.append((op, shape, dtype, layout))
     with normkit.use_backend(backend):
-        rows = [bench_one(op, shape, dtype, layout, device, reps, with_compile, copy_gbps)
+        rows = [bench_one(op, shape, dtype, layout, device, reps, with_compile, copy)
                 for op, shape, dtype, layout in tqdm(jobs, disable=not progress, desc="bench")]
+    copies = [r.copy_gbps for r in rows] or [copy.nbytes / median_time(copy, device, reps) / 1e9]
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else
@@ -298,7 +316,8 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "normkit": normkit.__version__,
-        "copy_gbps": copy_gbps,
+        "copy_gbps": statistics.median(copies),
+        "copy_gbps_range": [min(copies), max(copies)],
         "rows": [asdict(r) for r in rows],
     }
 
@@ -308,20 +327,24 @@ def format_table(report: dict) -> str:
     has_compile = any(r["compile_ms"] is not None for r in report["rows"])
     header = ["op", "shape", "dtype", "layout", "backend", "torch ms", "normkit ms"]
     header += ["compile ms"] if has_compile else []
-    header += ["speedup", "torch GB/s", "normkit GB/s", "torch %copy", "normkit %copy"]
+    header += ["speedup", "torch GB/s", "normkit GB/s", "copy GB/s", "torch %copy",
+               "normkit %copy"]
     body = []
     for r in report["rows"]:
         line = [r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], r["backend"],
                 f"{r['torch_ms']:.2f}", f"{r['normkit_ms']:.2f}"]
         line += [f"{r['compile_ms']:.2f}"] if has_compile else []
         line += [f"{r['speedup']:.2f}x", f"{r['torch_gbps']:.1f}", f"{r['normkit_gbps']:.1f}",
-                 f"{r['torch_pct_copy']:.0f}%", f"{r['normkit_pct_copy']:.0f}%"]
+                 f"{r['copy_gbps']:.1f}", f"{r['torch_pct_copy']:.0f}%",
+                 f"{r['normkit_pct_copy']:.0f}%"]
         body.append(line)
     widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    low, high = report["copy_gbps_range"]
     title = (f"{report['device']} ({report['device_name']}), {report['threads']} threads, torch "
-             f"{report['torch']}, copy bandwidth {report['copy_gbps']:.1f} GB/s")
+             f"{report['torch']}, copy bandwidth {report['copy_gbps']:.1f} GB/s (median of the "
+             f"rows' copies, {low:.1f}-{high:.1f}; each row's %copy is of its own)")
     return title + "\n" + "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ def _check_row(row: dict) -> None:
     op = bench.OPS[row["op"]]
     ideal = op.ideal_factor * torch.Size(row["shape"]).numel() * 4
     assert row["normkit_gbps"] == pytest.approx(ideal / row["normkit_ms"] / 1e6)
+    assert row["normkit_pct_copy"] == pytest.approx(100 * row["normkit_gbps"] / row["copy_gbps"])
+    assert row["torch_pct_copy"] == pytest.approx(100 * row["torch_gbps"] / row["copy_gbps"])
     assert row["max_abs_err"] <= 1e-3
 
 
@@ -32,7 +34,9 @@ def test_run_bench_rows_table_and_json(tmp_path):
     for row in rows:
         _check_row(row)
         assert row["backend"] == "cpu"
-    assert report["copy_gbps"] > 0
+    low, high = report["copy_gbps_range"]
+    assert 0 < low <= report["copy_gbps"] <= high
+    assert sorted(r["copy_gbps"] for r in rows)[len(rows) // 2] == report["copy_gbps"]
     table = bench.format_table(report)
     assert "normkit %copy" in table and "gn_fwdbwd" in table
     path = tmp_path / "bench.json"
