@@ -296,8 +296,8 @@ def run_bench(ops: Iterable[str] = tuple(OPS), device: str = "cpu", dtypes=(torc
     for name in ops:
         op = OPS[name]
         for shape in shapes or shapes_for(op, quick, device):
-            if op.layer == "LayerNorm" and len(shape) != 2:
-                continue
+            if len(shape) != (2 if op.layer == "LayerNorm" else 4):
+                continue  # --shapes lists shapes for every op: each takes those of its rank
             for dtype in dtypes:
                 for layout in layouts:
                     if layout == "channels_last" and (len(shape) != 4 or op.layer in (

@@ -30,8 +30,9 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
 def assert_matches(actual, expected, oracle=None, what: str = "tensor", rtol=None) -> None:
     """normkit's `actual` against torch's `expected`, at the tolerance of the dtype.
 
-    fp64 ~1e-12 and fp32 ~1e-6 relative to the tensor's scale; fp16/bf16 within one ulp of the
-    output dtype plus torch's own error against `oracle` (the same computation in float64).
+    fp64 ~1e-12 and fp32 ~1e-6 relative to the tensor's scale; fp16/bf16 within one ulp of
+    torch's value, or, given `oracle` (the same computation in float64), within one ulp plus
+    torch's own error of the oracle.
     """
     if expected is None or actual is None:
         assert actual is None and expected is None, f"{what}: {actual} vs {expected}"
@@ -51,10 +52,12 @@ def assert_matches(actual, expected, oracle=None, what: str = "tensor", rtol=Non
     if a.numel() == 0:
         return
     err = (a - e).abs()
+    o = None
     if expected.dtype in LOW_PRECISION:
         bound = _ulp(torch.maximum(a.abs(), e.abs()).to(expected.dtype)) * 1.01
         if oracle is not None:
-            bound = bound + (e - oracle.detach().double()[finite]).abs()
+            o = oracle.detach().double()[finite]
+            err, bound = (a - o).abs(), bound + (e - o).abs()
     else:
         base = {torch.float64: 1e-12, torch.float32: 1e-6}.get(expected.dtype, 0.0)
         bound = (rtol or base) * 4 * max(1.0, float(e.abs().max()))
@@ -66,7 +69,8 @@ def assert_matches(actual, expected, oracle=None, what: str = "tensor", rtol=Non
         raise AssertionError(
             f"{what} ({expected.dtype}): {int(bad.sum())} of {err.numel()} values off; first at "
             f"flat index {i}: normkit {float(a.flatten()[i])} vs torch {float(e.flatten()[i])} "
-            f"(bound {float(torch.as_tensor(bound).flatten()[i if torch.as_tensor(bound).numel() > 1 else 0])})"
+            + ("" if o is None else f"and float64 {float(o.flatten()[i])} ")
+            + f"(bound {float(torch.as_tensor(bound).flatten()[i if torch.as_tensor(bound).numel() > 1 else 0])})"
         )
 
 

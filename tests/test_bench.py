@@ -61,10 +61,14 @@ def test_cuda_shapes_add_the_large_batch():
 
 def test_bench_command_line(tmp_path, capsys):
     path = tmp_path / "b.json"
-    assert main(["bench", "--ops", "bn2d_eval_fwd", "--shapes", "4x3x8x8", "--quick",
-                 "--layouts", "contiguous", "--backend", "reference", "--json", str(path)]) == 0
+    assert main(["bench", "--ops", "bn2d_eval_fwd", "ln_fwdbwd", "--shapes", "4x3x8x8", "6x10",
+                 "--quick", "--layouts", "contiguous", "--backend", "reference", "--json",
+                 str(path)]) == 0
     assert "bn2d_eval_fwd" in capsys.readouterr().out
-    assert json.loads(path.read_text())["rows"][0]["backend"] == "reference"
+    rows = json.loads(path.read_text())["rows"]  # each op takes the shapes of its rank
+    assert [(r["op"], r["shape"]) for r in rows] == [("bn2d_eval_fwd", [4, 3, 8, 8]),
+                                                     ("ln_fwdbwd", [6, 10])]
+    assert {r["backend"] for r in rows} == {"reference"}
 
 
 def test_tune_sweeps_and_restores_constants():

@@ -82,9 +82,38 @@ def test_auto_backend_is_cpu_for_float_cpu_tensors():
     assert _kernel_ran(y)
 
 
-def test_low_precision_uses_reference():
-    y = normkit.BatchNorm2d(3)(torch.randn(4, 3, 2, 2, dtype=torch.bfloat16))
-    assert not _kernel_ran(y)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("params", ["float32", "low"])
+def test_low_precision_runs_the_float32_kernels(dtype, layout, params):
+    """float16 / bfloat16 input: the float32 kernels on its float32 copy, y, dx and the
+    parameters' grads the float32 results rounded to their tensors' dtypes; layout kept."""
+    gen = torch.Generator().manual_seed(0)
+    x0, dy = (torch.randn(6, 5, 4, 3, generator=gen).to(dtype).contiguous(memory_format=layout)
+              for _ in range(2))
+    results = []
+    for low in (True, False):
+        m = normkit.BatchNorm2d(5)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        if params == "low":
+            m.to(dtype)
+        if not low:
+            m.float()
+        x = (x0 if low else x0.float()).detach().requires_grad_()
+        y = m(x)
+        assert _kernel_ran(y)
+        y.backward(dy if low else dy.float())
+        results.append((y, x.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+    (y, dx, dw, db, mean, var), (y32, dx32, dw32, db32, mean32, var32) = results
+    assert y.dtype == dx.dtype == dtype and y.stride() == x0.stride() == dx.stride()
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(dx, dx32.to(dtype))
+    param_dtype = dtype if params == "low" else torch.float32
+    assert dw.dtype == db.dtype == mean.dtype == param_dtype
+    assert torch.equal(dw, dw32.to(param_dtype)) and torch.equal(db, db32.to(param_dtype))
+    with torch.no_grad():
+        y_nograd = normkit.BatchNorm2d(5).to(param_dtype)(x0)
+    assert y_nograd.dtype == dtype and y_nograd.stride() == x0.stride()
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import gc
 
+import pytest
 import torch
 
 import normkit
@@ -51,3 +52,25 @@ def test_cache_can_be_disabled(monkeypatch):
     like = torch.empty(8, 64, 64, 64)
     a = cpu_buffers.empty_like(like)
     assert a.is_contiguous() and a.shape == like.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_converted_is_pooled_and_differentiable(dtype):
+    """`converted`: t.to(dtype) into pooled memory (layout kept, released memory reused, also
+    for dtypes numpy lacks); its backward converts the grad back, any grad layout."""
+    cpu_buffers.clear()
+    x = torch.randn(8, 64, 64, 64).contiguous(memory_format=torch.channels_last)  # 4 MiB low
+    low = cpu_buffers.converted(x, dtype)
+    assert low.dtype == dtype and low.stride() == x.stride() and torch.equal(low, x.to(dtype))
+    ptr = low.data_ptr()
+    del low
+    gc.collect()
+    assert cpu_buffers.converted(x, dtype).data_ptr() == ptr
+    leaf = x.to(dtype).requires_grad_()
+    wide = cpu_buffers.converted(leaf, torch.float32)
+    grad = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    wide.backward(grad)
+    assert leaf.grad.dtype == dtype and torch.equal(leaf.grad, grad.to(dtype))
+    leaf.grad = None
+    cpu_buffers.converted(leaf, torch.float32).sum().backward()  # an expanded (stride 0) grad
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))

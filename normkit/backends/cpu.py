@@ -23,6 +23,7 @@ from normkit.backends.plan import Plan, plan_for
 name = "cpu"
 
 _DTYPES = (torch.float32, torch.float64)
+_WIDENED = (torch.float16, torch.bfloat16)  # computed by the float32 kernels
 # Row blocks of the kernels that sum over rows (cols, rows backward): each block keeps float64
 # partial sums (two per column) that are merged in block order, so results depend on the shape
 # only, never on the thread count. At most MAX_BLOCKS blocks, at least MIN_BLOCK_ROWS rows each,
@@ -270,6 +271,9 @@ def normalize(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`reference.normalize`, on the numba kernels when a plan covers the call (with `groups`
     the kernels read x's memory as the grouped view: autograd sees x itself, no views)."""
+    if x.dtype in _WIDENED and x.is_cpu:
+        return _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats,
+                        groups)
     plan = _plan(x, weight, bias, dims, mean, var, shape, groups)
     if plan is None:
         return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
@@ -288,6 +292,25 @@ def normalize(
     if not with_stats:
         return y, None, None
     return (y, mean, var) if mean is not None else (y, stats[0], stats[1])
+
+
+def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, groups):
+    """`normalize` of float16 / bfloat16 x: the float32 kernels on float32 copies of x and of
+    the float16 / bfloat16 parameters and given statistics, y rounded back to x's dtype (torch's
+    own low-precision norms compute in float32 as well). The casts are autograd ops: the
+    output grad reaches the kernels in float32, dx returns in x's dtype and each parameter's
+    grad in its own. x's and y's copies come from the buffer pool (a fresh 100 MB tensor costs
+    tens of ms of page faults); the float32 copy of x is kept for the backward."""
+    y, mean, var = normalize(cpu_buffers.converted(x, torch.float32),
+                             *(_float32(t) for t in (weight, bias)), dims, eps,
+                             *(_float32(t) for t in (mean, var)), shape, running, with_stats,
+                             groups)
+    return cpu_buffers.converted(y, x.dtype), mean, var
+
+
+def _float32(t: Tensor | None) -> Tensor | None:
+    """A float16 / bfloat16 parameter's or statistic's float32 copy; others as they are."""
+    return t.float() if t is not None and t.dtype in _WIDENED else t
 
 
 def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
@@ -356,8 +379,20 @@ def _kernel_buffers(running_mean: Tensor, running_var: Tensor, n: int) -> bool:
 
 def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
                    eps, act, negative_slope, memory_efficient) -> Tensor:
-    """`reference.batch_norm_act`, on the fused kernels of `cpu_act` when they cover the call."""
+    """`reference.batch_norm_act`, on the fused kernels of `cpu_act` when they cover the call
+    (float16 / bfloat16 x: on float32 copies, as `normalize` does)."""
     from normkit.backends import cpu_act
+
+    if x.dtype in _WIDENED and x.is_cpu:
+        if not training:  # the statistics are only read: float32 copies serve
+            running_mean, running_var = _float32(running_mean), _float32(running_var)
+        if residual is not None:
+            residual = (cpu_buffers.converted(residual, torch.float32)
+                        if residual.stride() == x.stride() else residual.float())
+        out = batch_norm_act(cpu_buffers.converted(x, torch.float32), _float32(weight),
+                             _float32(bias), residual, running_mean, running_var, training,
+                             momentum, eps, act, negative_slope, memory_efficient)
+        return cpu_buffers.converted(out, x.dtype)
 
     plan = None
     if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)

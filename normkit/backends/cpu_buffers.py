@@ -44,15 +44,38 @@ def _acquire(nbytes: int) -> np.ndarray:
     return np.empty(nbytes, dtype=np.uint8)
 
 
-def empty_like(x: Tensor) -> Tensor:
-    """torch.empty_like(x) for a dense x (same dtype and strides), from the pool when large."""
-    nbytes = x.numel() * x.element_size()
+def empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.empty_like(x, dtype=dtype) for a dense x (x's strides; x's dtype by default), from
+    the pool when large."""
+    dtype = x.dtype if dtype is None else dtype
+    nbytes = x.numel() * dtype.itemsize
     if max_bytes <= 0 or nbytes < MIN_BYTES:
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=dtype)
     raw = _acquire(nbytes)
-    flat = raw.view(np.dtype(str(x.dtype).removeprefix("torch.")))
+    flat = raw.view()  # the pool's array stays out of reach of the tensor's lifetime
     weakref.finalize(flat, _release, raw)
-    return torch.from_numpy(flat).as_strided(x.shape, x.stride())
+    return torch.from_numpy(flat).view(dtype).as_strided(x.shape, x.stride())
+
+
+def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype) for a dense t, into pooled memory when large; autograd sees the conversion
+    (its backward converts the grad back, pooled too when laid out as t)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return _Converted.apply(t, dtype)
+    return empty_like(t, dtype).copy_(t)
+
+
+class _Converted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype, ctx.strides = t.dtype, t.stride()
+        return empty_like(t, dtype).copy_(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.stride() != ctx.strides or torch.is_grad_enabled():
+            return grad.to(ctx.dtype), None
+        return empty_like(grad, ctx.dtype).copy_(grad), None
 
 
 def clear() -> None:
