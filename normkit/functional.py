@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -151,6 +152,13 @@ def batch_norm_act(
             f"residual must have the input's shape {tuple(input.shape)}, "
             f"got {tuple(residual.shape)}"
         )
+    if torch.compiler.is_compiling():
+        # Traced as the composition (the compiler decides what backward keeps, so
+        # memory_efficient changes nothing here).
+        out = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            out = out + residual.to(out.dtype)
+        return reference_act(out, act, negative_slope)
     if _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
         out = _empty_output(input, weight, bias)
         return reference_act(out if residual is None else out + residual, act, negative_slope)

@@ -34,7 +34,22 @@ class TransformerBlock(tnn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-MODELS = {"resnet_block": (ResBlock, (4, 8, 6, 6)), "transformer": (TransformerBlock, (2, 5, 16))}
+class FusedBlock(tnn.Module):
+    """conv -> BN -> + x -> ReLU: normkit's fused BatchNormAct2d, torch's composition."""
+
+    def __init__(self, lib, c=8):
+        super().__init__()
+        self.conv = tnn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = normkit.BatchNormAct2d(c) if lib is normkit else tnn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y, x) if isinstance(self.bn, normkit.BatchNormAct2d) else \
+            torch.relu(self.bn(y) + x)
+
+
+MODELS = {"resnet_block": (ResBlock, (4, 8, 6, 6)), "transformer": (TransformerBlock, (2, 5, 16)),
+          "fused_block": (FusedBlock, (4, 8, 6, 6))}
 
 
 def _pair(name):
@@ -82,6 +97,23 @@ def test_compile_fullgraph_matches_torch(name, train, backend):
     ours, theirs, shape = _pair(name)
     compiled = torch.compile(ours, fullgraph=True, backend=backend)
     assert_steps_match(compiled, ours, theirs, shape, train)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compile_low_precision_cpu(dtype):
+    """float16 / bfloat16 CPU input (large enough for the eager path's pooled float32 copies)
+    compiles with fullgraph=True and matches eager normkit."""
+    x = torch.randn(4, 8, 256, 256).to(dtype)
+    results = []
+    for compiled in (False, True):
+        m = normkit.BatchNorm2d(8).to(dtype)
+        fn = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.float().square().mean().backward()
+        results.append((y, xi.grad, m.weight.grad, m.running_var))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

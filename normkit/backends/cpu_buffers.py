@@ -59,7 +59,10 @@ def empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t.to(dtype) for a dense t, into pooled memory when large; autograd sees the conversion
-    (its backward converts the grad back, pooled too when laid out as t)."""
+    (its backward converts the grad back, pooled too when laid out as t). While torch.compile
+    traces, plain `t.to(dtype)` (the pool's numpy buffers are no graph ops)."""
+    if torch.compiler.is_compiling():
+        return t.to(dtype)
     if t.requires_grad and torch.is_grad_enabled():
         return _Converted.apply(t, dtype)
     return empty_like(t, dtype).copy_(t)
