@@ -1,4 +1,5 @@
-"""CPU backend: numba kernels for float32/float64 CPU tensors.
+"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones run them
+on float32 copies).
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Calls the kernels do not
 cover (other dtypes or devices, layouts without a plan, empty tensors) are handed to the
@@ -301,11 +302,13 @@ def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, 
     output grad reaches the kernels in float32, dx returns in x's dtype and each parameter's
     grad in its own. x's and y's copies come from the buffer pool (a fresh 100 MB tensor costs
     tens of ms of page faults); the float32 copy of x is kept for the backward."""
-    y, mean, var = normalize(cpu_buffers.converted(x, torch.float32),
-                             *(_float32(t) for t in (weight, bias)), dims, eps,
-                             *(_float32(t) for t in (mean, var)), shape, running, with_stats,
-                             groups)
-    return cpu_buffers.converted(y, x.dtype), mean, var
+    y, batch_mean, batch_var = normalize(
+        cpu_buffers.converted(x, torch.float32), *(_float32(t) for t in (weight, bias)), dims,
+        eps, *(_float32(t) for t in (mean, var)), shape, running, with_stats, groups)
+    y = cpu_buffers.converted(y, x.dtype)
+    if not with_stats:
+        return y, None, None
+    return (y, mean, var) if mean is not None else (y, batch_mean, batch_var)
 
 
 def _float32(t: Tensor | None) -> Tensor | None:
