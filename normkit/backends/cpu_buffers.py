@@ -52,7 +52,7 @@ def empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     if max_bytes <= 0 or nbytes < MIN_BYTES:
         return torch.empty_like(x, dtype=dtype)
     raw = _acquire(nbytes)
-    flat = raw.view()  # the pool's array stays out of reach of the tensor's lifetime
+    flat = raw.view()  # the tensor keeps this view alive; its end returns `raw` to the pool
     weakref.finalize(flat, _release, raw)
     return torch.from_numpy(flat).view(dtype).as_strided(x.shape, x.stride())
 
@@ -69,6 +69,8 @@ def converted(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class _Converted(torch.autograd.Function):
+    """`converted` as an autograd node: dtype in, dtype back for the grad."""
+
     @staticmethod
     def forward(ctx, t, dtype):
         ctx.dtype, ctx.strides = t.dtype, t.stride()
