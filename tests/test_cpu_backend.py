@@ -399,3 +399,31 @@ def test_long_items_take_the_plain_kernel():
     x = torch.randn(2, 3, cpu_kernels.ITEM_QUADS_BELOW)
     plan = cpu._plan(x, None, None, (2,), None, None, None)
     assert cpu._forward_launch(plan, x, False)[0].__name__.startswith("mid_forward_train")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["bn_nchw", "bn_channels_last", "in_eval"])
+def test_low_precision_inference_reads_16_bits(monkeypatch, dtype, case):
+    """Inference with given statistics (eval BatchNorm, InstanceNorm with running statistics)
+    on float16 / bfloat16 reads and writes the 16 bits in the kernel, no float32 copy: y equals
+    the float32 kernels' result rounded to the dtype, NaN, infinities and overflow included."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, 5, 7, generator=gen) * 3 + 1)
+    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38])
+    x = x.to(dtype)
+    if case == "bn_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    m = normkit.InstanceNorm2d(6, affine=True, track_running_stats=True) if case == "in_eval" \
+        else normkit.BatchNorm2d(6)
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1, generator=gen)
+        m.running_var.uniform_(0.5, 2, generator=gen)
+        m.weight.uniform_(0.5, 1.5, generator=gen)
+        m.weight[0] = 1e4  # float16 overflows to inf
+    m.eval()
+    expected = m(x.float()).detach().to(dtype)
+    monkeypatch.setattr(cpu.cpu_buffers, "converted", None)  # a float32 copy would fail
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)

@@ -42,7 +42,8 @@ SHORT_ROW_BYTES = 4096  # BatchNorm rows shorter than a page are walked in memor
 # (and dy) stay in cache (measured at 7x7..28x28: best from 380 KB to 1 MB, 12-22 % faster than
 # channel by channel; the L2 is 512 KB per core, the L3 8 MB).
 ROW_GROUP_BYTES = 512 << 10
-_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64),
+         torch.float16: np.empty(0, np.uint16), torch.bfloat16: np.empty(0, np.uint16)}
 
 
 def _stats_buffer(items: int) -> Tensor:
@@ -127,10 +128,13 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
     if launch is None:
         k = _kernels(x.numel())
         tail = (_LIKE[x.dtype], plan.array_shape)
+        wide = x.dtype in _WIDENED  # 16-bit storage: only the given-statistics kernels read it
+        given_tail = (_LIKE[torch.float32], x.dtype == torch.float16) if wide else \
+            (_LIKE[x.dtype], None)
         if given and plan.kind == "cols":
-            launch = (k.cols_forward_given, (*tail, _tasks(plan.A)), False)
+            launch = (k.cols_forward_given, (*tail, _tasks(plan.A), *given_tail), False)
         elif given:
-            launch = (k.mid_forward_given, (*tail, plan.Wm), True)
+            launch = (k.mid_forward_given, (*tail, plan.Wm, *given_tail), True)
         elif plan.kind == "cols":
             launch = (k.cols_forward_train, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)),
                       False)
@@ -301,7 +305,14 @@ def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, 
     own low-precision norms compute in float32 as well). The casts are autograd ops: the
     output grad reaches the kernels in float32, dx returns in x's dtype and each parameter's
     grad in its own. x's and y's copies come from the buffer pool (a fresh 100 MB tensor costs
-    tens of ms of page faults); the float32 copy of x is kept for the backward."""
+    tens of ms of page faults); the float32 copy of x is kept for the backward. Given
+    statistics without a grad to record (inference) read and write the 16 bits directly."""
+    if mean is not None and not torch.compiler.is_compiling() and not reference.needs_grad(
+            x, weight, bias):
+        args = (*(_float32(t) for t in (weight, bias)), eps, _float32(mean), _float32(var))
+        plan = _plan(x, args[0], args[1], dims, args[3], args[4], shape, groups, torch.float32)
+        if plan is not None:
+            return _forward(plan, x, *args)[0], mean, var
     y, batch_mean, batch_var = normalize(
         cpu_buffers.converted(x, torch.float32), *(_float32(t) for t in (weight, bias)), dims,
         eps, *(_float32(t) for t in (mean, var)), shape, running, with_stats, groups)
@@ -324,10 +335,11 @@ def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
     return cpu_ops.normalize_forward(x, weight, bias, mean, var, eps, plan.kind, sizes)
 
 
-def _plan(x, weight, bias, dims, mean, var, shape, groups=None) -> Plan | None:
-    """The kernels' plan for the call: float32/float64 CPU data, parameters and given
-    statistics of the same dtype on the CPU; None otherwise."""
-    dtype = x.dtype
+def _plan(x, weight, bias, dims, mean, var, shape, groups=None,
+          dtype: torch.dtype | None = None) -> Plan | None:
+    """The kernels' plan for the call: float32/float64 CPU data (or data computed in `dtype`),
+    parameters and given statistics of that dtype on the CPU; None otherwise."""
+    dtype = x.dtype if dtype is None else dtype
     if not x.is_cpu or dtype not in _DTYPES:
         return None
     for t in (weight, bias, mean, var):

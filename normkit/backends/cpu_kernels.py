@@ -33,6 +33,8 @@ from numba import carray, njit, prange
 from numba import types as nbtypes
 from numba.extending import intrinsic
 
+from normkit.backends import cpu_half
+
 FASTMATH = {"reassoc", "contract"}
 
 
@@ -322,18 +324,29 @@ def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
                 yr[s] = xr[s] * alpha + beta
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _affine(x, mu, alpha, beta, half):
+    """(x - mu) * alpha + beta for one stored value: in the data's dtype, or (half not None:
+    16-bit storage, see cpu_half) in float32, rounded back to 16 bits."""
+    if half is None:
+        return (x - mu) * alpha + beta
+    return cpu_half.store((cpu_half.load(x, half) - mu) * alpha + beta, half)
+
+
 def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, like, shape,
-                      n_w):
+                      n_w, calc, half):
     """As mid_forward_train with given statistics mean[m % K], var[m % K] (K = n_stat).
 
     Purely elementwise, y = (x - mean) * alpha + b in x's dtype (as torch computes eval batch
     norm; x - mean keeps the precision of data near a large mean): per-(m, j) coefficients
     first, then each thread walks a contiguous range of the (a, m, j) rows, keeping its place
-    in the coefficients by counting (no division per row)."""
+    in the coefficients by counting (no division per row). x and y hold `like`'s dtype; the
+    parameters, given statistics and arithmetic `calc`'s (x's own, or float32 for 16-bit data:
+    `half` True / False for float16 / bfloat16 stored as uint16, None otherwise)."""
     n_a, n_m, n_j, n_s = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
-    mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
+    w, b = _at(w, calc, (n_w, n_j)), _at(b, calc, (n_w, n_j))
+    mean, var = _at(mean, calc, (n_stat,)), _at(var, calc, (n_stat,))
     stats = _at(stats, np.float64, (3, n_m))
     for m in range(n_m):
         k = m if n_stat == n_m else m % n_stat
@@ -341,7 +354,7 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, l
         stats[1, m] = var[k]
         stats[2, m] = 1.0 / np.sqrt(np.float64(var[k]) + eps)
     n_mj = n_m * n_j
-    coef = np.empty((3, n_mj), dtype=x.dtype)  # mean, alpha = rstd * w, b per (m, j)
+    coef = np.empty((3, n_mj), dtype=calc.dtype)  # mean, alpha = rstd * w, b per (m, j)
     for m in range(n_m):
         k = m if n_w == n_m else m % n_w
         for j in range(n_j):
@@ -362,7 +375,7 @@ def mid_forward_given(x, w, b, has_w, has_b, mean, var, n_stat, eps, y, stats, l
             xrow = xr[r]
             yrow = yr[r]
             for s in range(n_s):
-                yrow[s] = (xrow[s] - mu) * al + be
+                yrow[s] = _affine(xrow[s], mu, al, be, half)
             i += 1
             if i == n_mj:
                 i = 0
@@ -666,18 +679,20 @@ def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_bloc
     _cols_elementwise(x, x, False, alpha, alpha, beta, y, n_tasks)
 
 
-def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks):
+def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks,
+                       calc, half):
     """Per column c: y = (x - mean[c]) * alpha[c] + b[c], alpha = w[c] / sqrt(var[c] + eps),
-    elementwise in x's dtype as mid_forward_given (and torch's eval batch norm) computes it."""
+    elementwise in x's dtype as mid_forward_given (and torch's eval batch norm) computes it;
+    `like`, `calc` and `half` as there."""
     n_r, n_c = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
-    mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
+    w, b = _at(w, calc, (n_c,)), _at(b, calc, (n_c,))
+    mean, var = _at(mean, calc, (n_c,)), _at(var, calc, (n_c,))
     stats = _at(stats, np.float64, (3, n_c))
     _given_stats(mean, var, eps, stats)
-    mu = np.empty(n_c, dtype=x.dtype)
-    alpha = np.empty(n_c, dtype=x.dtype)
-    beta = np.empty(n_c, dtype=x.dtype)
+    mu = np.empty(n_c, dtype=calc.dtype)
+    alpha = np.empty(n_c, dtype=calc.dtype)
+    beta = np.empty(n_c, dtype=calc.dtype)
     for c in range(n_c):
         mu[c] = stats[0, c]
         alpha[c] = stats[2, c] * w[c] if has_w else stats[2, c]
@@ -688,7 +703,7 @@ def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, sh
             xr = x[r]
             yr = y[r]
             for c in range(n_c):
-                yr[c] = (xr[c] - mu[c]) * alpha[c] + beta[c]
+                yr[c] = _affine(xr[c], mu[c], alpha[c], beta[c], half)
 
 
 def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
