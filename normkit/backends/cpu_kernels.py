@@ -67,6 +67,19 @@ def _finish(s1, s2, shift, count, eps, stats, m):
     stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _run_stats(run, eps, stats, m):
+    """Store the statistics of the 1-D `run` as item m, its sums shifted by its first value."""
+    shift = np.float64(run[0])
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(run.shape[0]):
+        d = np.float64(run[i]) - shift
+        s1 += d
+        s2 += d * d
+    _finish(s1, s2, shift, run.shape[0], eps, stats, m)
+
+
 _ELEMENTWISE_BLOCKS = 64  # contiguous row ranges of an elementwise pass, spread over threads
 
 # From this many columns on, the per-column accumulators of a block no longer sit in L1 next to
@@ -306,14 +319,7 @@ def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
             _finish(a3, b3, c3, n_s, eps, stats, m0 + 3)
         else:
             for m in range(m0, m1):
-                shift = np.float64(x[m, 0])
-                s1 = 0.0
-                s2 = 0.0
-                for s in range(n_s):
-                    d = np.float64(x[m, s]) - shift
-                    s1 += d
-                    s2 += d * d
-                _finish(s1, s2, shift, n_s, eps, stats, m)
+                _run_stats(x[m], eps, stats, m)
         for m in range(m0, m1):
             k = m % n_w
             alpha = stats[2, m] * w[k] if has_w else stats[2, m]
@@ -609,14 +615,7 @@ def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
     w, b = _at(w, like, (n_k,)), _at(b, like, (n_k,))
     stats = _at(stats, np.float64, (3, n_r))
     for r in prange(n_r):
-        shift = np.float64(x[r, 0])
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(n_k):
-            d = np.float64(x[r, k]) - shift
-            s1 += d
-            s2 += d * d
-        _finish(s1, s2, shift, n_k, eps, stats, r)
+        _run_stats(x[r], eps, stats, r)
         mean = stats[0, r]
         rstd = stats[2, r]
         for k in range(n_k):
