@@ -309,10 +309,11 @@ def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, 
     statistics without a grad to record (inference) read and write the 16 bits directly."""
     if mean is not None and not torch.compiler.is_compiling() and not reference.needs_grad(
             x, weight, bias):
-        args = (*(_float32(t) for t in (weight, bias)), eps, _float32(mean), _float32(var))
-        plan = _plan(x, args[0], args[1], dims, args[3], args[4], shape, groups, torch.float32)
+        w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
+        plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
         if plan is not None:
-            return _forward(plan, x, *args)[0], mean, var
+            y = _forward(plan, x, w, b, eps, m, v)[0]
+            return (y, mean, var) if with_stats else (y, None, None)
     y, batch_mean, batch_var = normalize(
         cpu_buffers.converted(x, torch.float32), *(_float32(t) for t in (weight, bias)), dims,
         eps, *(_float32(t) for t in (mean, var)), shape, running, with_stats, groups)
