@@ -20,8 +20,9 @@ where waking the thread pool costs more than the work). Kernels take tensors by 
 (`Tensor.data_ptr()`, memory laid out as the plan says) with a zero-size array `like` of the
 data's dtype and the plan's sizes: turning a tensor into a numpy array costs microseconds,
 which small inputs notice. Parameters, given statistics and weight / bias gradients share the
-data's dtype; statistics are a (3, items) float64 array: mean, biased variance,
-1/sqrt(var + eps).
+data's dtype (except in the given-statistics kernels, which also read float16 / bfloat16 data
+through `cpu_half` and then take float32 ones); statistics are a (3, items) float64 array:
+mean, biased variance, 1/sqrt(var + eps).
 """
 
 from __future__ import annotations
@@ -299,8 +300,8 @@ def _four_item_sums(x, m, c0, c1, c2, c3):
 
 
 def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
-    """mid_forward_train for many short items (A = J = 1: InstanceNorm / GroupNorm with one
-    channel per group at small spatial sizes), four items' statistics per loop, each item
+    """mid_forward_train for many short items (A = J = 1: InstanceNorm, one-channel GroupNorm
+    groups, a batch of one at small spatial sizes), four items' statistics per loop, each item
     shifted by its own first element; then each item normalized from cache."""
     n_m, n_s = shape[1], shape[3]
     x, y = _at(x, like, (n_m, n_s)), _at(y, like, (n_m, n_s))
