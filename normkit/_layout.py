@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -44,3 +46,11 @@ def with_strides_of(values: Tensor, like: Tensor) -> Tensor:
     if values.stride() == like.stride():
         return values
     return torch.empty_like(like, dtype=values.dtype).copy_(values)
+
+
+@functools.cache
+def batch_layout(rank: int, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """BatchNorm of a rank-`rank` input with `channels` channels: the dims its statistics
+    run over (all but dim 1) and the shape (1, C, 1, ...) its per-channel tensors broadcast
+    in."""
+    return (0, *range(2, rank)), (1, channels) + (1,) * (rank - 2)

@@ -17,21 +17,10 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from normkit import _checks
 from normkit._autocast import follows_autocast
-from normkit._layout import dense_in_suggested_format
+from normkit._layout import batch_layout, dense_in_suggested_format
 from normkit.backends import backend_for
 
 __all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm"]
-
-
-@functools.cache
-def _batch_dims(rank: int) -> tuple[int, ...]:
-    """Every dim of a rank-`rank` input but the channels (dim 1)."""
-    return (0, *range(2, rank))
-
-
-def _channel_shape(x: Tensor) -> tuple[int, ...]:
-    """(1, C, 1, ...): how a per-channel vector broadcasts against x."""
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
 def _empty_output(input: Tensor, *params: Tensor | None) -> Tensor:
@@ -83,10 +72,9 @@ def batch_norm(
         running_mean = running_var = None
     else:
         update = None
-    y, _, _ = backend_for(x).normalize(
-        x, weight, bias, _batch_dims(x.dim()), eps, running_mean, running_var,
-        _channel_shape(x), update,
-    )
+    dims, shape = batch_layout(x.dim(), x.shape[1])
+    y, _, _ = backend_for(x).normalize(x, weight, bias, dims, eps, running_mean, running_var,
+                                       shape, update)
     return y
 
 
@@ -234,7 +222,7 @@ def instance_norm(
         eps,
         None if use_input_stats else running_mean,
         None if use_input_stats else running_var,
-        _channel_shape(x),
+        batch_layout(x.dim(), channels)[1],
         with_stats=True,
     )
     if use_input_stats and running_mean is not None:

@@ -19,7 +19,7 @@ from torch.autograd.graph import increment_version
 
 from normkit._layout import with_strides_of
 from normkit.backends import cpu_buffers, reference
-from normkit.backends.plan import Plan, plan_for
+from normkit.backends.plan import Plan, plan_for_layout
 
 name = "cpu"
 
@@ -344,16 +344,28 @@ def _plan(x, weight, bias, dims, mean, var, shape, groups=None,
     if not x.is_cpu or dtype not in _DTYPES:
         return None
     for t in (weight, bias, mean, var):
-        if t is not None and (not t.is_cpu or t.dtype != dtype):
+        if t is not None and (t.dtype != dtype or not t.is_cpu):
             return None
     param = weight if weight is not None else bias
+    layout = (x.shape, x.stride(), dims, None if param is None else param.shape, shape, groups,
+              mean is not None)
+    if torch.compiler.is_compiling():
+        return _layout_plan.__wrapped__(*layout)
+    return _layout_plan(*layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_plan(sizes, strides, dims, param_sizes, shape, groups, given) -> Plan | None:
+    """The plan of a call by its layout: x's sizes and strides, the normalized dims, the
+    parameters' sizes (None without parameters) and `shape`, groups, statistics given or not.
+    Memoized here as a whole (a lookup; the steps cost 1 µs a call)."""
     param_shape = None
-    if param is not None:
-        shape = param.shape if shape is None else shape
-        rank = x.dim() + (groups is not None)
+    if param_sizes is not None:
+        shape = param_sizes if shape is None else shape
+        rank = len(sizes) + (groups is not None)
         param_shape = (1,) * (rank - len(shape)) + tuple(shape)
-    plan = plan_for(x, dims, param_shape, groups)
-    if plan is None or (mean is not None and plan.kind not in ("mid", "cols")):
+    plan = plan_for_layout(sizes, strides, dims, param_shape, groups)
+    if plan is None or (given and plan.kind not in ("mid", "cols")):
         return None  # no op normalizes rows / grouped channels_last with given statistics
     return plan
 

@@ -12,12 +12,10 @@ act'(z) being recomputed (two more exponentials per element).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from normkit._layout import with_strides_of
+from normkit._layout import batch_layout, with_strides_of
 from normkit.backends import cpu, cpu_buffers
 from normkit.backends.plan import Plan
 
@@ -40,7 +38,7 @@ def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     """The BatchNorm plan of x when the fused kernels cover the call, else None."""
     if act not in ACT_CODES:
         return None
-    dims, shape = _batch_layout(x.dim(), x.shape[1])
+    dims, shape = batch_layout(x.dim(), x.shape[1])
     plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape)
     if plan is None or plan.kind not in ("mid", "cols"):
         return None
@@ -48,12 +46,6 @@ def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     if any(t.device.type != "cpu" for t in others):
         return None
     return plan
-
-
-@functools.cache
-def _batch_layout(rank: int, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """BatchNorm of a rank-`rank` input: its normalized dims and its weight's shape."""
-    return (0, *range(2, rank)), (1, channels) + (1,) * (rank - 2)
 
 
 _NO_BITS = torch.zeros((1, 1, 1), dtype=torch.uint8)  # the mask of acts that keep none (read-only)

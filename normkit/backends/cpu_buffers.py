@@ -47,7 +47,10 @@ def _acquire(nbytes: int) -> np.ndarray:
 def empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """torch.empty_like(x, dtype=dtype) for a dense x (x's strides; x's dtype by default), from
     the pool when large."""
-    dtype = x.dtype if dtype is None else dtype
+    if dtype is None:
+        dtype = x.dtype
+        if x.numel() * dtype.itemsize < MIN_BYTES:
+            return torch.empty_like(x)  # without keywords: 0.6 µs less, small calls notice
     nbytes = x.numel() * dtype.itemsize
     if max_bytes <= 0 or nbytes < MIN_BYTES:
         return torch.empty_like(x, dtype=dtype)

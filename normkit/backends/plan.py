@@ -125,7 +125,13 @@ def plan_for(x: Tensor, dims: tuple[int, ...], param_shape: tuple[int, ...] | No
     """The kernel plan for normalizing dense `x` over `dims` with weights of `param_shape`
     (right-aligned to x's rank), or None. With `groups`, x's dim 1 counts as the two dims
     (groups, C // groups), as `grouped` says, and dims / param_shape refer to that view."""
-    shape, strides = x.shape, x.stride()
+    return plan_for_layout(x.shape, x.stride(), dims, param_shape, groups)
+
+
+def plan_for_layout(shape: tuple[int, ...], strides: tuple[int, ...], dims: tuple[int, ...],
+                    param_shape: tuple[int, ...] | None,
+                    groups: int | None = None) -> Plan | None:
+    """`plan_for` of a dense tensor of these sizes and strides."""
     if groups is not None:
         shape, strides = grouped(shape, strides, groups)
     if torch.compiler.is_compiling():  # traced code calls the plain function
