@@ -427,3 +427,78 @@ def test_low_precision_inference_reads_16_bits(monkeypatch, dtype, case):
         y = m(x)
     assert y.dtype == dtype and y.stride() == x.stride()
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", ["float32", "low"])
+@pytest.mark.parametrize("shape", [(37, 67), (3, 5, 40)])
+def test_low_precision_layer_norm_reads_16_bits(monkeypatch, dtype, params, shape):
+    """LayerNorm of float16 / bfloat16 x: the rows kernels read x and dy and write y and dx in
+    16 bits, no float32 copy; y, dx and the parameters' grads equal the float32 kernels'
+    results rounded to their tensors' dtypes (a float16 overflow to inf included)."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    results = []
+    for low in (True, False):
+        m = normkit.LayerNorm(shape[-1])
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            m.bias.normal_(generator=torch.Generator().manual_seed(2))
+            m.weight[0] = 3e4  # float16 overflows to inf in the first column
+        if params == "low":
+            m.to(dtype)
+        if not low:
+            m.float()
+        x = (x0 if low else x0.float()).detach().requires_grad_()
+        with monkeypatch.context() as patch:
+            if low:
+                patch.setattr(cpu.cpu_buffers, "converted", None)  # a float32 copy would fail
+            y = m(x)
+            assert _kernel_ran(y)
+            y.backward(dy if low else dy.float())
+        results.append((y, x.grad, m.weight.grad, m.bias.grad))
+    (y, dx, dw, db), (y32, dx32, dw32, db32) = results
+    assert y.dtype == dx.dtype == dtype
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
+    param_dtype = dtype if params == "low" else torch.float32
+    assert dw.dtype == db.dtype == param_dtype
+    assert torch.equal(dw, dw32.to(param_dtype)) and torch.equal(db, db32.to(param_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_norm_saves_x_itself(dtype):
+    """The 16-bit LayerNorm kernels keep x itself for the backward (no float32 copy): an
+    in-place change of x before backward raises, as torch's does."""
+    x = torch.randn(6, 8, dtype=dtype, requires_grad=True)
+    for lib in (torch.nn, normkit):
+        base = x * 1
+        y = lib.LayerNorm(8).to(dtype)(base)
+        with torch.no_grad():
+            base.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_norm_double_backward(dtype):
+    """create_graph=True through the 16-bit LayerNorm kernels: the reference's differentiable
+    backward on float32 copies of x and dy. With output grads exact in 16 bits, dx and the
+    second-order grads equal those of the float32 computation, rounded to their dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 12, generator=gen).to(dtype)
+    w0 = torch.rand(12, generator=gen) + 0.5
+    c1, c2 = (torch.randint(-8, 9, (5, 12), generator=gen) / 8 for _ in range(2))
+    grads = []
+    for low in (True, False):
+        x = (x0 if low else x0.float()).detach().requires_grad_()
+        w = w0.clone().requires_grad_()
+        y = nF.layer_norm(x, (12,), w)
+        assert _kernel_ran(y)
+        (dx,) = torch.autograd.grad((y.float() * c1).sum(), x, create_graph=True)
+        grads.append((dx, *torch.autograd.grad((dx.float() * c2).sum(), (x, w))))
+    (dx, ddx, dw), (dx32, ddx32, dw32) = grads
+    assert dx.dtype == ddx.dtype == dtype and dw.dtype == torch.float32
+    assert torch.equal(dx, dx32.to(dtype)) and torch.equal(ddx, ddx32.to(dtype))
+    assert torch.equal(dw, dw32)

@@ -1,5 +1,6 @@
-"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones run them
-on float32 copies).
+"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones: LayerNorm
+and inference with given statistics in kernels that read the 16 bits, the rest on float32
+copies).
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Calls the kernels do not
 cover (other dtypes or devices, layouts without a plan, empty tensors) are handed to the
@@ -120,6 +121,15 @@ def _tasks(rows: int) -> int:
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
 
+def _calc_tail(x: Tensor) -> tuple:
+    """The trailing (calc, half) arguments of the kernels that read 16-bit data: an empty
+    array of the arithmetic's dtype and which 16-bit format x is stored in (see
+    `cpu_kernels.rows_forward_train`)."""
+    if x.dtype in _WIDENED:
+        return _LIKE[torch.float32], x.dtype == torch.float16
+    return _LIKE[x.dtype], None
+
+
 def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
     """(kernel, trailing arguments, whether it takes the given statistics' count) of the
     forward for this plan, x's dtype and statistics given or not; decided once per plan."""
@@ -128,13 +138,11 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
     if launch is None:
         k = _kernels(x.numel())
         tail = (_LIKE[x.dtype], plan.array_shape)
-        wide = x.dtype in _WIDENED  # 16-bit storage: only the given-statistics kernels read it
-        given_tail = (_LIKE[torch.float32], x.dtype == torch.float16) if wide else \
-            (_LIKE[x.dtype], None)
+        calc_tail = _calc_tail(x)
         if given and plan.kind == "cols":
-            launch = (k.cols_forward_given, (*tail, _tasks(plan.A), *given_tail), False)
+            launch = (k.cols_forward_given, (*tail, _tasks(plan.A), *calc_tail), False)
         elif given:
-            launch = (k.mid_forward_given, (*tail, plan.Wm, *given_tail), True)
+            launch = (k.mid_forward_given, (*tail, plan.Wm, *calc_tail), True)
         elif plan.kind == "cols":
             launch = (k.cols_forward_train, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)),
                       False)
@@ -145,7 +153,7 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
         elif plan.kind == "mid":
             launch = (k.mid_forward_train, (*tail, plan.Wm), False)
         elif plan.kind == "rows":
-            launch = (k.rows_forward_train, tail, False)
+            launch = (k.rows_forward_train, (*tail, *calc_tail), False)
         else:
             launch = (k.nsc_forward_train, tail, False)
         plan.launches[key] = launch
@@ -184,7 +192,7 @@ def _backward_launch(plan: Plan, x: Tensor) -> tuple:
         if plan.kind == "cols":
             launch = (k.cols_backward, True, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)))
         elif plan.kind == "rows":
-            launch = (k.rows_backward, False, (*tail, _blocks(plan.M, plan.J)))
+            launch = (k.rows_backward, False, (*tail, _blocks(plan.M, plan.J), *_calc_tail(x)))
         elif plan.kind == "nsc":
             launch = (k.nsc_backward, False, tail)
         elif _short_rows(plan, x):
@@ -197,13 +205,14 @@ def _backward_launch(plan: Plan, x: Tensor) -> tuple:
 
 def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: Tensor,
               batch_stats: bool, need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(dx, dw, db); dw / db have x's dtype and are flat: the plan's weight shape's values
-    (summed over the dims the weight is broadcast along) in order. Flat because a tensor made
-    or viewed with a shape tuple costs 2-4 us more than one of a single size (measured)."""
+    """(dx, dw, db); dw / db have the arithmetic's dtype (x's; float32 for 16-bit x) and are
+    flat: the plan's weight shape's values (summed over the dims the weight is broadcast along)
+    in order. Flat because a tensor made or viewed with a shape tuple costs 2-4 us more than
+    one of a single size (measured)."""
     kernel, takes_batch_stats, tail = _backward_launch(plan, x)
     dy = with_strides_of(dy, x)
     dx = cpu_buffers.empty_like(x) if need_dx else None
-    dw = torch.empty(plan.weight_numel, dtype=x.dtype)  # torch-owned: they become .grad
+    dw = torch.empty(plan.weight_numel, dtype=torch.float32 if x.dtype in _WIDENED else x.dtype)
     db = torch.empty_like(dw)
     weight = _dense(weight)
     args = (x.data_ptr(), dy.data_ptr(), _address(weight), weight is not None, stats.data_ptr())
@@ -217,8 +226,12 @@ def _backward(plan: Plan, x: Tensor, dy: Tensor, weight: Tensor | None, stats: T
 
 def _differentiable_backward(call, x, dy, weight, bias, need_dx):
     """The reference's create_graph=True backward from the saved statistics (x and dy in the
-    grouped view when the call has groups)."""
+    grouped view when the call has groups; float16 / bfloat16 x and dy in float32, as the
+    kernels compute, dx rounded back)."""
     _, dims, eps, mean, _, shape, stats, groups = call
+    dtype = x.dtype
+    if dtype in _WIDENED:
+        x, dy = x.float(), dy.float()
     if groups is not None:
         x, dy = (t.unflatten(1, (groups, t.shape[1] // groups)) for t in (x, dy))
     stat_shape = [1 if i in dims else n for i, n in enumerate(x.shape)]
@@ -229,6 +242,8 @@ def _differentiable_backward(call, x, dy, weight, bias, need_dx):
     )
     if groups is not None and dx is not None:
         dx = dx.flatten(1, 2)
+    if dx is not None and dx.dtype != dtype:
+        dx = dx.to(dtype)
     return dx, dw, db
 
 
@@ -276,13 +291,18 @@ def normalize(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`reference.normalize`, on the numba kernels when a plan covers the call (with `groups`
     the kernels read x's memory as the grouped view: autograd sees x itself, no views)."""
+    given = mean, var  # returned as passed
     if x.dtype in _WIDENED and x.is_cpu:
-        return _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats,
-                        groups)
-    plan = _plan(x, weight, bias, dims, mean, var, shape, groups)
-    if plan is None:
-        return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
-                                   with_stats, groups)
+        direct = _sixteen_bit_plan(x, weight, bias, dims, mean, var, shape, groups)
+        if direct is None:
+            return _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats,
+                            groups)
+        plan, (weight, bias, mean, var) = direct
+    else:
+        plan = _plan(x, weight, bias, dims, mean, var, shape, groups)
+        if plan is None:
+            return reference.normalize(x, weight, bias, dims, eps, mean, var, shape, running,
+                                       with_stats, groups)
     if torch.compiler.is_compiling():
         y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
@@ -296,7 +316,23 @@ def normalize(
         _update_from_stats(running_mean, running_var, stats, x.numel() // plan.items, momentum)
     if not with_stats:
         return y, None, None
-    return (y, mean, var) if mean is not None else (y, stats[0], stats[1])
+    return (y, *given) if mean is not None else (y, stats[0], stats[1])
+
+
+def _sixteen_bit_plan(x, weight, bias, dims, mean, var, shape, groups):
+    """(plan, float32 (weight, bias, mean, var)) when kernels read and write float16 /
+    bfloat16 x's own 16 bits, computing in float32 as the float32 kernels would: LayerNorm's
+    rows (forward and backward), and inference with given statistics (nothing to record for
+    autograd); None otherwise (and while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return None
+    w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
+    plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
+    if plan is None:
+        return None
+    if plan.kind == "rows" or (mean is not None and not reference.needs_grad(x, weight, bias)):
+        return plan, (w, b, m, v)
+    return None
 
 
 def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, groups):
@@ -305,15 +341,8 @@ def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, 
     own low-precision norms compute in float32 as well). The casts are autograd ops: the
     output grad reaches the kernels in float32, dx returns in x's dtype and each parameter's
     grad in its own. x's and y's copies come from the buffer pool (a fresh 100 MB tensor costs
-    tens of ms of page faults); the float32 copy of x is kept for the backward. Given
-    statistics without a grad to record (inference) read and write the 16 bits directly."""
-    if mean is not None and not torch.compiler.is_compiling() and not reference.needs_grad(
-            x, weight, bias):
-        w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
-        plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
-        if plan is not None:
-            y = _forward(plan, x, w, b, eps, m, v)[0]
-            return (y, mean, var) if with_stats else (y, None, None)
+    tens of ms of page faults); the float32 copy of x is kept for the backward. The calls
+    whose kernels read 16 bits (`_sixteen_bit_plan`) do not come here."""
     y, batch_mean, batch_var = normalize(
         cpu_buffers.converted(x, torch.float32), *(_float32(t) for t in (weight, bias)), dims,
         eps, *(_float32(t) for t in (mean, var)), shape, running, with_stats, groups)

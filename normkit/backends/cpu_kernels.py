@@ -20,9 +20,9 @@ where waking the thread pool costs more than the work). Kernels take tensors by 
 (`Tensor.data_ptr()`, memory laid out as the plan says) with a zero-size array `like` of the
 data's dtype and the plan's sizes: turning a tensor into a numpy array costs microseconds,
 which small inputs notice. Parameters, given statistics and weight / bias gradients share the
-data's dtype (except in the given-statistics kernels, which also read float16 / bfloat16 data
-through `cpu_half` and then take float32 ones); statistics are a (3, items) float64 array:
-mean, biased variance, 1/sqrt(var + eps).
+data's dtype (except in the given-statistics and the rows kernels, which also read float16 /
+bfloat16 data through `cpu_half` and then take float32 ones); statistics are a (3, items)
+float64 array: mean, biased variance, 1/sqrt(var + eps).
 """
 
 from __future__ import annotations
@@ -68,14 +68,42 @@ def _finish(s1, s2, shift, count, eps, stats, m):
     stats[2, m] = 1.0 / np.sqrt(var + eps)
 
 
+@njit(inline="always", cache=True)
+def _wide(value, half):
+    """A stored value as float64: the data's own value, or (half not None) the float32 value of
+    16-bit storage (see cpu_half)."""
+    if half is None:
+        return np.float64(value)
+    return np.float64(cpu_half.load(value, half))
+
+
+@njit(inline="always", cache=True)
+def _data(value, half):
+    """A stored value in the arithmetic's dtype: itself, or the float32 value of 16 bits."""
+    if half is None:
+        return value
+    return cpu_half.load(value, half)
+
+
+@njit(inline="always", cache=True)
+def _narrow(value, half):
+    """float64 `value` stored as float32 data is (rounded), or as 16-bit storage (half not
+    None): rounded to float32 first, then to 16 bits, as the float32 kernels' result rounded to
+    x's dtype would be."""
+    if half is None:
+        return value
+    return cpu_half.store(np.float32(value), half)
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _run_stats(run, eps, stats, m):
-    """Store the statistics of the 1-D `run` as item m, its sums shifted by its first value."""
-    shift = np.float64(run[0])
+def _run_stats(run, eps, stats, m, half):
+    """Store the statistics of the 1-D `run` as item m, its sums shifted by its first value
+    (`half` as in `_wide`)."""
+    shift = _wide(run[0], half)
     s1 = 0.0
     s2 = 0.0
     for i in range(run.shape[0]):
-        d = np.float64(run[i]) - shift
+        d = _wide(run[i], half) - shift
         s1 += d
         s2 += d * d
     _finish(s1, s2, shift, run.shape[0], eps, stats, m)
@@ -320,7 +348,7 @@ def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
             _finish(a3, b3, c3, n_s, eps, stats, m0 + 3)
         else:
             for m in range(m0, m1):
-                _run_stats(x[m], eps, stats, m)
+                _run_stats(x[m], eps, stats, m, None)
         for m in range(m0, m1):
             k = m % n_w
             alpha = stats[2, m] * w[k] if has_w else stats[2, m]
@@ -609,27 +637,33 @@ def _sum_groups(part, n_w, out):
         flat_out[i] = total[i]
 
 
-def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
-    """Per row r of (R, K) = `shape`: y = (x - mean[r]) * rstd[r] * w[k] + b[k]."""
+def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, half):
+    """Per row r of (R, K) = `shape`: y = (x - mean[r]) * rstd[r] * w[k] + b[k].
+
+    x and y hold `like`'s dtype, w and b `calc`'s: x's own, or float32 for float16 / bfloat16
+    data stored as uint16 (`half` True / False; None otherwise), computed as the float32 kernel
+    computes it and rounded to 16 bits (see `_wide`, `_narrow`)."""
     n_r, n_k = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_k,)), _at(b, like, (n_k,))
+    w, b = _at(w, calc, (n_k,)), _at(b, calc, (n_k,))
     stats = _at(stats, np.float64, (3, n_r))
     for r in prange(n_r):
-        _run_stats(x[r], eps, stats, r)
+        _run_stats(x[r], eps, stats, r, half)
         mean = stats[0, r]
         rstd = stats[2, r]
         for k in range(n_k):
             wk = w[k] if has_w else 1.0
             bk = b[k] if has_b else 0.0
-            y[r, k] = (x[r, k] - mean) * (rstd * wk) + bk
+            y[r, k] = _narrow((_wide(x[r, k], half) - mean) * (rstd * wk) + bk, half)
 
 
-def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_blocks):
-    """Row-wise backward; dw/db summed per block of rows, then over the blocks in order."""
+def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_blocks, calc,
+                  half):
+    """Row-wise backward; dw/db summed per block of rows, then over the blocks in order. x, dy
+    and dx hold `like`'s dtype, w, dw and db `calc`'s (`half` as in rows_forward_train)."""
     n_r, n_k = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w, dw, db = _at(w, like, (n_k,)), _at(dw, like, (1, n_k)), _at(db, like, (1, n_k))
+    w, dw, db = _at(w, calc, (n_k,)), _at(dw, calc, (1, n_k)), _at(db, calc, (1, n_k))
     stats = _at(stats, np.float64, (3, n_r))
     dw_part = np.empty((n_blocks, n_k))
     db_part = np.empty((n_blocks, n_k))
@@ -643,8 +677,8 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_bl
             sum_g = 0.0
             sum_gx = 0.0
             for k in range(n_k):
-                d = np.float64(dy[r, k])
-                xh = (np.float64(x[r, k]) - mu) * rs
+                d = _wide(dy[r, k], half)
+                xh = (_wide(x[r, k], half) - mu) * rs
                 dwb[k] += d * xh
                 dbb[k] += d
                 g = d * w[k] if has_w else d
@@ -654,9 +688,9 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_bl
                 c_mean = sum_g / n_k
                 c_x = sum_gx / n_k
                 for k in range(n_k):
-                    xh = (np.float64(x[r, k]) - mu) * rs
-                    g = dy[r, k] * w[k] if has_w else np.float64(dy[r, k])
-                    dx[r, k] = (g - c_mean - xh * c_x) * rs
+                    xh = (_wide(x[r, k], half) - mu) * rs
+                    g = _data(dy[r, k], half) * w[k] if has_w else _wide(dy[r, k], half)
+                    dx[r, k] = _narrow((g - c_mean - xh * c_x) * rs, half)
         dw_part[blk] = dwb
         db_part[blk] = dbb
     _sum_groups(dw_part, 1, dw)
