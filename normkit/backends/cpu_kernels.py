@@ -637,6 +637,47 @@ def _sum_groups(part, n_w, out):
         flat_out[i] = total[i]
 
 
+# The rows kernels call their row helpers with `half` as a constant (one call per format):
+# with the format known, LLVM vectorizes the 16-bit conversions (bfloat16 LayerNorm forward,
+# 1024x1024 from cache: 1.08 ns per element with `half` a run-time flag in the loop).
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward_row(x, y, w, b, has_w, has_b, eps, stats, r, half):
+    """Row r of rows_forward_train: its statistics, then y = (x - mean) * rstd * w + b."""
+    _run_stats(x, eps, stats, r, half)
+    mean = stats[0, r]
+    rstd = stats[2, r]
+    for k in range(x.shape[0]):
+        wk = w[k] if has_w else 1.0
+        bk = b[k] if has_b else 0.0
+        y[k] = _narrow((_wide(x[k], half) - mean) * (rstd * wk) + bk, half)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward_row(x, dy, dx, w, has_w, mu, rs, need_dx, dwb, dbb, half):
+    """One row of rows_backward: dwb += dy·xhat, dbb += dy, and (need_dx)
+    dx = rstd·(g - mean(g) - xhat·mean(g·xhat)), g = dy·w."""
+    n_k = x.shape[0]
+    sum_g = 0.0
+    sum_gx = 0.0
+    for k in range(n_k):
+        d = _wide(dy[k], half)
+        xh = (_wide(x[k], half) - mu) * rs
+        dwb[k] += d * xh
+        dbb[k] += d
+        g = d * w[k] if has_w else d
+        sum_g += g
+        sum_gx += g * xh
+    if need_dx:
+        c_mean = sum_g / n_k
+        c_x = sum_gx / n_k
+        for k in range(n_k):
+            xh = (_wide(x[k], half) - mu) * rs
+            g = _data(dy[k], half) * w[k] if has_w else _wide(dy[k], half)
+            dx[k] = _narrow((g - c_mean - xh * c_x) * rs, half)
+
+
 def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, half):
     """Per row r of (R, K) = `shape`: y = (x - mean[r]) * rstd[r] * w[k] + b[k].
 
@@ -648,13 +689,12 @@ def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, 
     w, b = _at(w, calc, (n_k,)), _at(b, calc, (n_k,))
     stats = _at(stats, np.float64, (3, n_r))
     for r in prange(n_r):
-        _run_stats(x[r], eps, stats, r, half)
-        mean = stats[0, r]
-        rstd = stats[2, r]
-        for k in range(n_k):
-            wk = w[k] if has_w else 1.0
-            bk = b[k] if has_b else 0.0
-            y[r, k] = _narrow((_wide(x[r, k], half) - mean) * (rstd * wk) + bk, half)
+        if half is None:
+            _forward_row(x[r], y[r], w, b, has_w, has_b, eps, stats, r, None)
+        elif half:
+            _forward_row(x[r], y[r], w, b, has_w, has_b, eps, stats, r, True)
+        else:
+            _forward_row(x[r], y[r], w, b, has_w, has_b, eps, stats, r, False)
 
 
 def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_blocks, calc,
@@ -674,23 +714,12 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_bl
         for r in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             mu = stats[0, r]
             rs = stats[2, r]
-            sum_g = 0.0
-            sum_gx = 0.0
-            for k in range(n_k):
-                d = _wide(dy[r, k], half)
-                xh = (_wide(x[r, k], half) - mu) * rs
-                dwb[k] += d * xh
-                dbb[k] += d
-                g = d * w[k] if has_w else d
-                sum_g += g
-                sum_gx += g * xh
-            if need_dx:
-                c_mean = sum_g / n_k
-                c_x = sum_gx / n_k
-                for k in range(n_k):
-                    xh = (_wide(x[r, k], half) - mu) * rs
-                    g = _data(dy[r, k], half) * w[k] if has_w else _wide(dy[r, k], half)
-                    dx[r, k] = _narrow((g - c_mean - xh * c_x) * rs, half)
+            if half is None:
+                _backward_row(x[r], dy[r], dx[r], w, has_w, mu, rs, need_dx, dwb, dbb, None)
+            elif half:
+                _backward_row(x[r], dy[r], dx[r], w, has_w, mu, rs, need_dx, dwb, dbb, True)
+            else:
+                _backward_row(x[r], dy[r], dx[r], w, has_w, mu, rs, need_dx, dwb, dbb, False)
         dw_part[blk] = dwb
         db_part[blk] = dbb
     _sum_groups(dw_part, 1, dw)
