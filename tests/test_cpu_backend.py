@@ -502,3 +502,56 @@ def test_low_precision_layer_norm_double_backward(dtype):
     assert dx.dtype == ddx.dtype == dtype and dw.dtype == torch.float32
     assert torch.equal(dx, dx32.to(dtype)) and torch.equal(ddx, ddx32.to(dtype))
     assert torch.equal(dw, dw32)
+
+
+MID_16_BIT = {  # calls whose 'mid' plans read 16 bits (items of at least 96 elements)
+    "bn_long_rows": (lambda: normkit.BatchNorm2d(3), (2, 3, 48, 48)),
+    "bn3d": (lambda: normkit.BatchNorm3d(2), (3, 2, 4, 24, 24)),
+    "gn": (lambda: normkit.GroupNorm(2, 4), (3, 4, 10, 12)),
+    "in": (lambda: normkit.InstanceNorm2d(3, affine=True), (2, 3, 10, 12)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", ["float32", "low"])
+@pytest.mark.parametrize("case", list(MID_16_BIT))
+def test_low_precision_long_items_read_16_bits(monkeypatch, dtype, params, case):
+    """BatchNorm NCHW with long rows, GroupNorm NCHW, InstanceNorm with long items on float16
+    / bfloat16: the 'mid' kernels read and write the 16 bits (no float32 copy) forward and
+    backward; y, dx and the parameters' grads equal the float32 kernels' results rounded to
+    their tensors' dtypes, and float32 running statistics are the float32 path's."""
+    make, shape = MID_16_BIT[case]
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    results = []
+    for low in (True, False):
+        m = make()
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            m.bias.normal_(generator=torch.Generator().manual_seed(2))
+        if params == "low":
+            m.to(dtype)
+        if not low:
+            m.float()
+        x = (x0 if low else x0.float()).detach().requires_grad_()
+        with monkeypatch.context() as patch:
+            if low:
+                patch.setattr(cpu.cpu_buffers, "converted", None)  # a float32 copy would fail
+            y = m(x)
+            assert _kernel_ran(y)
+            y.backward(dy if low else dy.float())
+        buffers = [b for name, b in m.named_buffers() if name.startswith("running")]
+        results.append((y, x.grad, m.weight.grad, m.bias.grad, *buffers))
+    (y, dx, dw, db, *stats), (y32, dx32, dw32, db32, *stats32) = results
+    assert y.dtype == dx.dtype == dtype
+    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
+    param_dtype = dtype if params == "low" else torch.float32
+    assert dw.dtype == db.dtype == param_dtype
+    assert torch.equal(dw, dw32.to(param_dtype)) and torch.equal(db, db32.to(param_dtype))
+    for s, s32 in zip(stats, stats32):  # 16-bit buffers move by a 16-bit lerp (as before)
+        if params == "float32":
+            assert torch.equal(s, s32)
+        else:
+            torch.testing.assert_close(s, s32.to(s.dtype))

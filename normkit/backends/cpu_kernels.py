@@ -265,36 +265,49 @@ def _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, coun
         z[c] = (-p[c] * sg / count if batch_stats else 0.0) - q[c] * stats[0, c]
 
 
-def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _mid_item_forward(x, y, w, b, has_w, has_b, eps, stats, m, n_w, half):
+    """Item m of mid_forward_train: its statistics, then its normalized values."""
+    n_a, _, n_j, n_s = x.shape
+    runs = x.reshape(n_a, x.shape[1], n_j * n_s)  # an item's (j, s) values: one contiguous run
+    shift = _wide(x[0, m, 0, 0], half)
+    s1 = 0.0
+    s2 = 0.0
+    for a in range(n_a):
+        run = runs[a, m]
+        for i in range(n_j * n_s):
+            d = _wide(run[i], half) - shift
+            s1 += d
+            s2 += d * d
+    _finish(s1, s2, shift, n_a * n_j * n_s, eps, stats, m)
+    mean = stats[0, m]
+    rstd = stats[2, m]
+    k = m % n_w
+    for a in range(n_a):
+        for j in range(n_j):
+            alpha = rstd * w[k, j] if has_w else rstd
+            beta = (b[k, j] if has_b else 0.0) - mean * alpha
+            for s in range(n_s):
+                y[a, m, j, s] = _narrow(_wide(x[a, m, j, s], half) * alpha + beta, half)
+
+
+def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w, calc, half):
     """y = (x - mean[m]) * rstd[m] * w[m % Wm, j] + b[m % Wm, j]; stats over (a, j, s).
 
-    x, y: (A, M, J, S) = `shape`; w, b: (Wm, J), Wm = n_w."""
+    x, y: (A, M, J, S) = `shape`; w, b: (Wm, J), Wm = n_w. x and y hold `like`'s dtype, w and
+    b `calc`'s, `half` as in rows_forward_train (and passed to the item helper as a constant,
+    as there)."""
     n_a, n_m, n_j, n_s = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_w, n_j)), _at(b, like, (n_w, n_j))
+    w, b = _at(w, calc, (n_w, n_j)), _at(b, calc, (n_w, n_j))
     stats = _at(stats, np.float64, (3, n_m))
-    count = n_a * n_j * n_s
-    runs = x.reshape(n_a, n_m, n_j * n_s)  # an item's (j, s) values are one contiguous run
     for m in prange(n_m):
-        shift = np.float64(x[0, m, 0, 0])
-        s1 = 0.0
-        s2 = 0.0
-        for a in range(n_a):
-            run = runs[a, m]
-            for i in range(n_j * n_s):
-                d = np.float64(run[i]) - shift
-                s1 += d
-                s2 += d * d
-        _finish(s1, s2, shift, count, eps, stats, m)
-        mean = stats[0, m]
-        rstd = stats[2, m]
-        k = m % n_w
-        for a in range(n_a):
-            for j in range(n_j):
-                alpha = rstd * w[k, j] if has_w else rstd
-                beta = (b[k, j] if has_b else 0.0) - mean * alpha
-                for s in range(n_s):
-                    y[a, m, j, s] = x[a, m, j, s] * alpha + beta
+        if half is None:
+            _mid_item_forward(x, y, w, b, has_w, has_b, eps, stats, m, n_w, None)
+        elif half:
+            _mid_item_forward(x, y, w, b, has_w, has_b, eps, stats, m, n_w, True)
+        else:
+            _mid_item_forward(x, y, w, b, has_w, has_b, eps, stats, m, n_w, False)
 
 
 # Items (contiguous runs of S elements, each with its own statistics) shorter than this are
@@ -568,51 +581,70 @@ def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, l
                         dx, dw, db)
 
 
-def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape, n_w):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _mid_item_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part, db_part, m,
+                       n_w, half):
+    """Item m of mid_backward: its sums (into dw_part[m], db_part[m]), then its dx."""
+    n_a, _, n_j, n_s = x.shape
+    count = n_a * n_j * n_s
+    mu = stats[0, m]
+    r = stats[2, m]
+    k = m % n_w
+    sum_g = 0.0
+    sum_gx = 0.0
+    for j in range(n_j):
+        sdy = 0.0
+        sdyx = 0.0
+        for a in range(n_a):
+            for s in range(n_s):
+                d = _wide(dy[a, m, j, s], half)
+                sdy += d
+                sdyx += d * (_wide(x[a, m, j, s], half) - mu)
+        dw_part[m, j] = sdyx * r
+        db_part[m, j] = sdy
+        wj = w[k, j] if has_w else 1.0
+        sum_g += sdy * wj
+        sum_gx += sdyx * r * wj
+    if need_dx:
+        c_mean = sum_g / count if batch_stats else 0.0
+        c_x = sum_gx / count * r if batch_stats else 0.0
+        q = -r * c_x
+        z = -r * c_mean - q * mu
+        for a in range(n_a):
+            for j in range(n_j):
+                p = r * w[k, j] if has_w else r
+                for s in range(n_s):
+                    dx[a, m, j, s] = _narrow(_wide(dy[a, m, j, s], half) * p
+                                             + _wide(x[a, m, j, s], half) * q + z, half)
+
+
+def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape, n_w,
+                 calc, half):
     """dw[k, j] = Σ dy·xhat, db[k, j] = Σ dy over the m with m % Wm = k, and (need_dx) the
     input grad.
 
     With batch statistics dx = rstd·(g - mean(g) - xhat·mean(g·xhat)), g = dy·w; otherwise
     dx = g·rstd. Each m's data is read twice, the second time from cache. The per-m sums are
-    added into dw / db in order of m.
+    added into dw / db in order of m. x, dy and dx hold `like`'s dtype, w, dw and db `calc`'s
+    (`half` as in mid_forward_train).
     """
     n_a, n_m, n_j, n_s = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w = _at(w, like, (n_w, n_j))
-    dw, db = _at(dw, like, (n_w, n_j)), _at(db, like, (n_w, n_j))
+    w = _at(w, calc, (n_w, n_j))
+    dw, db = _at(dw, calc, (n_w, n_j)), _at(db, calc, (n_w, n_j))
     stats = _at(stats, np.float64, (3, n_m))
     dw_part = np.empty((n_m, n_j))
     db_part = np.empty((n_m, n_j))
-    count = n_a * n_j * n_s
     for m in prange(n_m):
-        mu = stats[0, m]
-        r = stats[2, m]
-        k = m % n_w
-        sum_g = 0.0
-        sum_gx = 0.0
-        for j in range(n_j):
-            sdy = 0.0
-            sdyx = 0.0
-            for a in range(n_a):
-                for s in range(n_s):
-                    d = np.float64(dy[a, m, j, s])
-                    sdy += d
-                    sdyx += d * (np.float64(x[a, m, j, s]) - mu)
-            dw_part[m, j] = sdyx * r
-            db_part[m, j] = sdy
-            wj = w[k, j] if has_w else 1.0
-            sum_g += sdy * wj
-            sum_gx += sdyx * r * wj
-        if need_dx:
-            c_mean = sum_g / count if batch_stats else 0.0
-            c_x = sum_gx / count * r if batch_stats else 0.0
-            q = -r * c_x
-            z = -r * c_mean - q * mu
-            for a in range(n_a):
-                for j in range(n_j):
-                    p = r * w[k, j] if has_w else r
-                    for s in range(n_s):
-                        dx[a, m, j, s] = dy[a, m, j, s] * p + x[a, m, j, s] * q + z
+        if half is None:
+            _mid_item_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part,
+                               db_part, m, n_w, None)
+        elif half:
+            _mid_item_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part,
+                               db_part, m, n_w, True)
+        else:
+            _mid_item_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part,
+                               db_part, m, n_w, False)
     _sum_groups(dw_part, n_w, dw)
     _sum_groups(db_part, n_w, db)
 
