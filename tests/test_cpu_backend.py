@@ -429,27 +429,24 @@ def test_low_precision_inference_reads_16_bits(monkeypatch, dtype, case):
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("params", ["float32", "low"])
-@pytest.mark.parametrize("shape", [(37, 67), (3, 5, 40)])
-def test_low_precision_layer_norm_reads_16_bits(monkeypatch, dtype, params, shape):
-    """LayerNorm of float16 / bfloat16 x: the rows kernels read x and dy and write y and dx in
-    16 bits, no float32 copy; y, dx and the parameters' grads equal the float32 kernels'
-    results rounded to their tensors' dtypes (a float16 overflow to inf included)."""
+def _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params):
+    """Train `make()` (weight drawn in [0.5, 1.5), bias normal, parameters float32 or `dtype`)
+    on float16 / bfloat16 x without any float32 copy of x, and on x.float() with float32
+    parameters: y, dx and the parameters' grads must be the float32 results rounded to their
+    dtypes; float32 running statistics must be equal (16-bit ones move by a 16-bit lerp)."""
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
     dy = torch.randn(shape, generator=gen).to(dtype)
     results = []
     for low in (True, False):
-        m = normkit.LayerNorm(shape[-1])
+        m = make()
         with torch.no_grad():
-            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            m.weight[1:].uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
             m.bias.normal_(generator=torch.Generator().manual_seed(2))
-            m.weight[0] = 3e4  # float16 overflows to inf in the first column
         if params == "low":
             m.to(dtype)
         if not low:
-            m.float()
+            m.float()  # the same parameter values, in float32
         x = (x0 if low else x0.float()).detach().requires_grad_()
         with monkeypatch.context() as patch:
             if low:
@@ -457,14 +454,36 @@ def test_low_precision_layer_norm_reads_16_bits(monkeypatch, dtype, params, shap
             y = m(x)
             assert _kernel_ran(y)
             y.backward(dy if low else dy.float())
-        results.append((y, x.grad, m.weight.grad, m.bias.grad))
-    (y, dx, dw, db), (y32, dx32, dw32, db32) = results
+        buffers = [b for name, b in m.named_buffers() if name.startswith("running")]
+        results.append((y, x.grad, m.weight.grad, m.bias.grad, *buffers))
+    (y, dx, dw, db, *stats), (y32, dx32, dw32, db32, *stats32) = results
     assert y.dtype == dx.dtype == dtype
     torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
     torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
     param_dtype = dtype if params == "low" else torch.float32
     assert dw.dtype == db.dtype == param_dtype
     assert torch.equal(dw, dw32.to(param_dtype)) and torch.equal(db, db32.to(param_dtype))
+    for s, s32 in zip(stats, stats32):
+        if params == "float32":
+            assert torch.equal(s, s32)
+        else:
+            torch.testing.assert_close(s, s32.to(s.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", ["float32", "low"])
+@pytest.mark.parametrize("shape", [(37, 67), (3, 5, 40)])
+def test_low_precision_layer_norm_reads_16_bits(monkeypatch, dtype, params, shape):
+    """LayerNorm of float16 / bfloat16 x: the rows kernels read x and dy and write y and dx in
+    16 bits, no float32 copy; y, dx and the parameters' grads equal the float32 kernels'
+    results rounded to their tensors' dtypes (a float16 overflow to inf included)."""
+    def make():
+        m = normkit.LayerNorm(shape[-1])
+        with torch.no_grad():
+            m.weight[0] = 3e4  # float16 overflows to inf in the first column
+        return m
+
+    _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -520,38 +539,4 @@ def test_low_precision_long_items_read_16_bits(monkeypatch, dtype, params, case)
     / bfloat16: the 'mid' kernels read and write the 16 bits (no float32 copy) forward and
     backward; y, dx and the parameters' grads equal the float32 kernels' results rounded to
     their tensors' dtypes, and float32 running statistics are the float32 path's."""
-    make, shape = MID_16_BIT[case]
-    gen = torch.Generator().manual_seed(0)
-    x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
-    dy = torch.randn(shape, generator=gen).to(dtype)
-    results = []
-    for low in (True, False):
-        m = make()
-        with torch.no_grad():
-            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
-            m.bias.normal_(generator=torch.Generator().manual_seed(2))
-        if params == "low":
-            m.to(dtype)
-        if not low:
-            m.float()
-        x = (x0 if low else x0.float()).detach().requires_grad_()
-        with monkeypatch.context() as patch:
-            if low:
-                patch.setattr(cpu.cpu_buffers, "converted", None)  # a float32 copy would fail
-            y = m(x)
-            assert _kernel_ran(y)
-            y.backward(dy if low else dy.float())
-        buffers = [b for name, b in m.named_buffers() if name.startswith("running")]
-        results.append((y, x.grad, m.weight.grad, m.bias.grad, *buffers))
-    (y, dx, dw, db, *stats), (y32, dx32, dw32, db32, *stats32) = results
-    assert y.dtype == dx.dtype == dtype
-    torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
-    torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
-    param_dtype = dtype if params == "low" else torch.float32
-    assert dw.dtype == db.dtype == param_dtype
-    assert torch.equal(dw, dw32.to(param_dtype)) and torch.equal(db, db32.to(param_dtype))
-    for s, s32 in zip(stats, stats32):  # 16-bit buffers move by a 16-bit lerp (as before)
-        if params == "float32":
-            assert torch.equal(s, s32)
-        else:
-            torch.testing.assert_close(s, s32.to(s.dtype))
+    _assert_16_bit_kernels_match_float32(monkeypatch, *MID_16_BIT[case], dtype, params)
