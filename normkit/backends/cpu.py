@@ -1,6 +1,5 @@
-"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones: LayerNorm
-and inference with given statistics in kernels that read the 16 bits, the rest on float32
-copies).
+"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones: kernels
+that read the 16 bits where `_sixteen_bit_plan` says so, the others on float32 copies).
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Calls the kernels do not
 cover (other dtypes or devices, layouts without a plan, empty tensors) are handed to the
