@@ -523,20 +523,26 @@ def test_low_precision_layer_norm_double_backward(dtype):
     assert torch.equal(dw, dw32)
 
 
-MID_16_BIT = {  # calls whose 'mid' plans read 16 bits (items of at least 96 elements)
+MID_16_BIT = {  # calls on each 'mid' kernel, all of which read 16 bits
     "bn_long_rows": (lambda: normkit.BatchNorm2d(3), (2, 3, 48, 48)),
+    "bn_short_rows": (lambda: normkit.BatchNorm2d(5), (6, 5, 14, 14)),
+    "bn_short_rows_by_four": (lambda: normkit.BatchNorm2d(5), (6, 5, 7, 7)),
+    "bn1d": (lambda: normkit.BatchNorm1d(4), (9, 4, 11)),
     "bn3d": (lambda: normkit.BatchNorm3d(2), (3, 2, 4, 24, 24)),
     "gn": (lambda: normkit.GroupNorm(2, 4), (3, 4, 10, 12)),
+    "gn_one_channel_groups": (lambda: normkit.GroupNorm(4, 4), (2, 4, 5, 6)),
     "in": (lambda: normkit.InstanceNorm2d(3, affine=True), (2, 3, 10, 12)),
+    "in_short_items": (lambda: normkit.InstanceNorm2d(3, affine=True), (2, 3, 5, 7)),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("params", ["float32", "low"])
 @pytest.mark.parametrize("case", list(MID_16_BIT))
-def test_low_precision_long_items_read_16_bits(monkeypatch, dtype, params, case):
-    """BatchNorm NCHW with long rows, GroupNorm NCHW, InstanceNorm with long items on float16
-    / bfloat16: the 'mid' kernels read and write the 16 bits (no float32 copy) forward and
-    backward; y, dx and the parameters' grads equal the float32 kernels' results rounded to
-    their tensors' dtypes, and float32 running statistics are the float32 path's."""
+def test_low_precision_contiguous_training_reads_16_bits(monkeypatch, dtype, params, case):
+    """BatchNorm, GroupNorm and InstanceNorm on contiguous float16 / bfloat16 x (long and
+    short rows, long and short items): the 'mid' kernels read and write the 16 bits (no
+    float32 copy) forward and backward; y, dx and the parameters' grads equal the float32
+    kernels' results rounded to their tensors' dtypes, and float32 running statistics are the
+    float32 path's."""
     _assert_16_bit_kernels_match_float32(monkeypatch, *MID_16_BIT[case], dtype, params)

@@ -146,9 +146,10 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
             launch = (k.cols_forward_train, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)),
                       False)
         elif _short_rows(plan, x):
-            launch = (k.rowwise_forward_train, (*tail, _row_group(plan, x)), False)
+            launch = (k.rowwise_forward_train, (*tail, _row_group(plan, x), *calc_tail),
+                      False)
         elif _short_items(plan):
-            launch = (k.items_forward_train, (*tail, plan.Wm), False)
+            launch = (k.items_forward_train, (*tail, plan.Wm, *calc_tail), False)
         elif plan.kind == "mid":
             launch = (k.mid_forward_train, (*tail, plan.Wm, *calc_tail), False)
         elif plan.kind == "rows":
@@ -195,7 +196,7 @@ def _backward_launch(plan: Plan, x: Tensor) -> tuple:
         elif plan.kind == "nsc":
             launch = (k.nsc_backward, False, tail)
         elif _short_rows(plan, x):
-            launch = (k.rowwise_backward, True, (*tail, _row_group(plan, x)))
+            launch = (k.rowwise_backward, True, (*tail, _row_group(plan, x), *_calc_tail(x)))
         else:
             launch = (k.mid_backward, True, (*tail, plan.Wm, *_calc_tail(x)))
         plan.launches[key] = launch
@@ -321,26 +322,19 @@ def normalize(
 def _sixteen_bit_plan(x, weight, bias, dims, mean, var, shape, groups):
     """(plan, float32 (weight, bias, mean, var)) when kernels read and write float16 /
     bfloat16 x's own 16 bits, computing as the float32 kernels would: LayerNorm's rows and
-    'mid' plans of long items (BatchNorm NCHW with rows of at least a page, GroupNorm NCHW,
-    InstanceNorm from 96 elements on), forward and backward, and inference with given
-    statistics (nothing to record for autograd); None otherwise (and while torch.compile
-    traces)."""
+    every 'mid' plan (BatchNorm, GroupNorm and InstanceNorm on contiguous x), forward and
+    backward, and inference with given statistics (nothing to record for autograd); None
+    otherwise (channels_last training, and while torch.compile traces)."""
     if torch.compiler.is_compiling():
         return None
     w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
     plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
     if plan is None:
         return None
-    if (plan.kind == "rows" or _long_items(plan, x)
-            or (mean is not None and not reference.needs_grad(x, weight, bias))):
+    if plan.kind in ("rows", "mid") or (mean is not None
+                                        and not reference.needs_grad(x, weight, bias)):
         return plan, (w, b, m, v)
     return None
-
-
-def _long_items(plan: Plan, x: Tensor) -> bool:
-    """A 'mid' plan served by mid_forward_train / mid_backward (or the given-statistics
-    kernel): not the short-row nor the short-item kernels."""
-    return plan.kind == "mid" and not _short_rows(plan, x) and not _short_items(plan)
 
 
 def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, groups):

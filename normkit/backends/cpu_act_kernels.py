@@ -213,7 +213,7 @@ def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code
                 stats[1, m] = var[m % n_stat]
                 stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
         else:
-            _block_stats(x, m0, m1, eps, stats)
+            _block_stats(x, m0, m1, eps, stats, None)
         alpha = np.empty(m1 - m0)
         beta = np.empty(m1 - m0)
         for m in range(m0, m1):
@@ -271,9 +271,11 @@ def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, 
                 _dz_row(dout[a, m, 0], code, slope, flags, z, kept,
                         deriv[a % deriv.shape[0], m % deriv.shape[1], 0], dz[a, m, 0])
         if in_place:
-            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db)
+            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db,
+                            None)
         else:
-            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db)
+            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db,
+                            None)
 
 
 def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,

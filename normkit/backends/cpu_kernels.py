@@ -317,18 +317,18 @@ def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w, ca
 ITEM_QUADS_BELOW = 96
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _four_item_sums(x, m, c0, c1, c2, c3):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _four_item_sums(x, m, c0, c1, c2, c3, half):
     """Shifted sums (Σd, Σd²) of rows m..m+3 of x (M, S), d = x[m + i] - c_i, in one loop:
-    Σd of the four rows, then Σd² of the four rows."""
+    Σd of the four rows, then Σd² of the four rows (`half` as in `_wide`)."""
     x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
     a0 = a1 = a2 = a3 = 0.0
     b0 = b1 = b2 = b3 = 0.0
     for s in range(x.shape[1]):
-        d0 = np.float64(x0[s]) - c0
-        d1 = np.float64(x1[s]) - c1
-        d2 = np.float64(x2[s]) - c2
-        d3 = np.float64(x3[s]) - c3
+        d0 = _wide(x0[s], half) - c0
+        d1 = _wide(x1[s], half) - c1
+        d2 = _wide(x2[s], half) - c2
+        d3 = _wide(x3[s], half) - c3
         a0 += d0
         a1 += d1
         a2 += d2
@@ -340,36 +340,50 @@ def _four_item_sums(x, m, c0, c1, c2, c3):
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
-def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _item_quad_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, n_w, half):
+    """Items m0..m1-1 (four, or the last few) of items_forward_train: their statistics, then
+    their values."""
+    n_s = x.shape[1]
+    if m1 - m0 == 4:
+        c0, c1 = _wide(x[m0, 0], half), _wide(x[m0 + 1, 0], half)
+        c2, c3 = _wide(x[m0 + 2, 0], half), _wide(x[m0 + 3, 0], half)
+        a0, a1, a2, a3, b0, b1, b2, b3 = _four_item_sums(x, m0, c0, c1, c2, c3, half)
+        _finish(a0, b0, c0, n_s, eps, stats, m0)
+        _finish(a1, b1, c1, n_s, eps, stats, m0 + 1)
+        _finish(a2, b2, c2, n_s, eps, stats, m0 + 2)
+        _finish(a3, b3, c3, n_s, eps, stats, m0 + 3)
+    else:
+        for m in range(m0, m1):
+            _run_stats(x[m], eps, stats, m, half)
+    for m in range(m0, m1):
+        k = m % n_w
+        alpha = stats[2, m] * w[k] if has_w else stats[2, m]
+        beta = (b[k] if has_b else 0.0) - stats[0, m] * alpha
+        xr = x[m]
+        yr = y[m]
+        for s in range(n_s):
+            yr[s] = _narrow(_wide(xr[s], half) * alpha + beta, half)
+
+
+def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w, calc, half):
     """mid_forward_train for many short items (A = J = 1: InstanceNorm, one-channel GroupNorm
     groups, a batch of one at small spatial sizes), four items' statistics per loop, each item
-    shifted by its own first element; then each item normalized from cache."""
+    shifted by its own first element; then each item normalized from cache. `like`, `calc` and
+    `half` as in mid_forward_train."""
     n_m, n_s = shape[1], shape[3]
     x, y = _at(x, like, (n_m, n_s)), _at(y, like, (n_m, n_s))
-    w, b = _at(w, like, (n_w,)), _at(b, like, (n_w,))
+    w, b = _at(w, calc, (n_w,)), _at(b, calc, (n_w,))
     stats = _at(stats, np.float64, (3, n_m))
     for quad in prange((n_m + 3) // 4):
         m0 = 4 * quad
         m1 = min(m0 + 4, n_m)
-        if m1 - m0 == 4:
-            c0, c1 = np.float64(x[m0, 0]), np.float64(x[m0 + 1, 0])
-            c2, c3 = np.float64(x[m0 + 2, 0]), np.float64(x[m0 + 3, 0])
-            a0, a1, a2, a3, b0, b1, b2, b3 = _four_item_sums(x, m0, c0, c1, c2, c3)
-            _finish(a0, b0, c0, n_s, eps, stats, m0)
-            _finish(a1, b1, c1, n_s, eps, stats, m0 + 1)
-            _finish(a2, b2, c2, n_s, eps, stats, m0 + 2)
-            _finish(a3, b3, c3, n_s, eps, stats, m0 + 3)
+        if half is None:
+            _item_quad_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, n_w, None)
+        elif half:
+            _item_quad_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, n_w, True)
         else:
-            for m in range(m0, m1):
-                _run_stats(x[m], eps, stats, m, None)
-        for m in range(m0, m1):
-            k = m % n_w
-            alpha = stats[2, m] * w[k] if has_w else stats[2, m]
-            beta = (b[k] if has_b else 0.0) - stats[0, m] * alpha
-            xr = x[m]
-            yr = y[m]
-            for s in range(n_s):
-                yr[s] = xr[s] * alpha + beta
+            _item_quad_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, n_w, False)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -436,24 +450,24 @@ SAMPLE_QUADS_BELOW = 128
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _row_sums(x, g, a, n_rows, m, center, use_g):
+def _row_sums(x, g, a, n_rows, m, center, use_g, half):
     """Sums over rows x[a .. a+n_rows-1, m, 0, :] (n_rows 1 or 4), with d = x - center:
-    (Σd, Σd²), or with use_g (Σg, Σg·d) for the rows of g."""
+    (Σd, Σd²), or with use_g (Σg, Σg·d) for the rows of g (`half` as in `_wide`)."""
     r1 = 0.0
     r2 = 0.0
     if n_rows == 4:
         x0, x1, x2, x3 = x[a, m, 0], x[a + 1, m, 0], x[a + 2, m, 0], x[a + 3, m, 0]
         g0, g1, g2, g3 = g[a, m, 0], g[a + 1, m, 0], g[a + 2, m, 0], g[a + 3, m, 0]
         for s in range(x0.shape[0]):
-            d0 = np.float64(x0[s]) - center
-            d1 = np.float64(x1[s]) - center
-            d2 = np.float64(x2[s]) - center
-            d3 = np.float64(x3[s]) - center
+            d0 = _wide(x0[s], half) - center
+            d1 = _wide(x1[s], half) - center
+            d2 = _wide(x2[s], half) - center
+            d3 = _wide(x3[s], half) - center
             if use_g:
-                e0 = np.float64(g0[s])
-                e1 = np.float64(g1[s])
-                e2 = np.float64(g2[s])
-                e3 = np.float64(g3[s])
+                e0 = _wide(g0[s], half)
+                e1 = _wide(g1[s], half)
+                e2 = _wide(g2[s], half)
+                e3 = _wide(g3[s], half)
                 r1 += (e0 + e1) + (e2 + e3)
                 r2 += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3)
             else:
@@ -462,9 +476,9 @@ def _row_sums(x, g, a, n_rows, m, center, use_g):
     else:
         xr, gr = x[a, m, 0], g[a, m, 0]
         for s in range(xr.shape[0]):
-            d = np.float64(xr[s]) - center
+            d = _wide(xr[s], half) - center
             if use_g:
-                e = np.float64(gr[s])
+                e = _wide(gr[s], half)
                 r1 += e
                 r2 += e * d
             else:
@@ -474,7 +488,7 @@ def _row_sums(x, g, a, n_rows, m, center, use_g):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _block_row_sums(x, g, m0, m1, centers, s1, s2, use_g):
+def _block_row_sums(x, g, m0, m1, centers, s1, s2, use_g, half):
     """s1[m - m0], s2[m - m0] += `_row_sums` of every sample's row m, for m in m0..m1-1,
     walking the block sample by sample (its rows in memory order); by four samples at a time
     when rows are shorter than SAMPLE_QUADS_BELOW. `centers[m - m0]` is row m's center."""
@@ -484,48 +498,62 @@ def _block_row_sums(x, g, m0, m1, centers, s1, s2, use_g):
     while a < n_a:
         n_rows = step if a + step <= n_a else 1
         for m in range(m0, m1):
-            r1, r2 = _row_sums(x, g, a, n_rows, m, centers[m - m0], use_g)
+            r1, r2 = _row_sums(x, g, a, n_rows, m, centers[m - m0], use_g, half)
             s1[m - m0] += r1
             s2[m - m0] += r2
         a += n_rows
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _block_stats(x, m0, m1, eps, stats):
+def _block_stats(x, m0, m1, eps, stats, half):
     """stats[:, m] for channels m0..m1-1 of x (A, M, 1, S), each shifted by its first element,
-    summed by `_block_row_sums`."""
+    summed by `_block_row_sums` (`half` as in `_wide`)."""
     s1 = np.zeros(m1 - m0)
     s2 = np.zeros(m1 - m0)
     shifts = np.empty(m1 - m0)
     for m in range(m0, m1):
-        shifts[m - m0] = x[0, m, 0, 0]
-    _block_row_sums(x, x, m0, m1, shifts, s1, s2, False)
+        shifts[m - m0] = _wide(x[0, m, 0, 0], half)
+    _block_row_sums(x, x, m0, m1, shifts, s1, s2, False, half)
     for m in range(m0, m1):
         _finish(s1[m - m0], s2[m - m0], shifts[m - m0], x.shape[0] * x.shape[3], eps, stats, m)
 
 
-def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _block_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, half):
+    """Channels m0..m1-1 of rowwise_forward_train: their statistics, then their values,
+    walked sample by sample."""
+    _block_stats(x, m0, m1, eps, stats, half)
+    for a in range(x.shape[0]):
+        for m in range(m0, m1):
+            alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
+            beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
+            x_row, y_row = x[a, m, 0], y[a, m, 0]
+            for s in range(x.shape[3]):
+                y_row[s] = _narrow(_wide(x_row[s], half) * alpha + beta, half)
+
+
+def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group, calc, half):
     """mid_forward_train for BatchNorm with short rows (A, M, 1, S), by blocks of `group`
     consecutive channels.
 
     Channel-by-channel walks jump a whole sample between rows shorter than a page (a TLB miss
     per row); here a block's rows are walked sample by sample, its channels' rows contiguous,
     accumulating each channel's shifted sums over the samples in order; then the block is
-    walked again, from cache when it fits (see cpu.ROW_GROUP_BYTES), to normalize it."""
+    walked again, from cache when it fits (see cpu.ROW_GROUP_BYTES), to normalize it. `like`,
+    `calc` and `half` as in mid_forward_train."""
     n_a, n_m, _, n_s = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_m, 1)), _at(b, like, (n_m, 1))
+    w, b = _at(w, calc, (n_m, 1)), _at(b, calc, (n_m, 1))
     stats = _at(stats, np.float64, (3, n_m))
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
-        _block_stats(x, m0, m1, eps, stats)
-        for a in range(n_a):
-            for m in range(m0, m1):
-                alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
-                beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
-                for s in range(n_s):
-                    y[a, m, 0, s] = x[a, m, 0, s] * alpha + beta
+        if half is None:
+            _block_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, None)
+        elif half:
+            _block_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, True)
+        else:
+            _block_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, False)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -548,12 +576,13 @@ def _block_grad_coefficients(stats, w, has_w, batch_stats, count, m0, m1, s_g, s
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db):
+def _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db, half):
     """BatchNorm backward of channels m0..m1-1 of (A, M, 1, S) x / dy: their sums
-    (`_block_row_sums`), dw / db (M,), and (need_dx) dx, walked sample by sample."""
+    (`_block_row_sums`), dw / db (M,), and (need_dx) dx, walked sample by sample (`half` as
+    in `_wide`)."""
     sdy = np.zeros(m1 - m0)
     sdyx = np.zeros(m1 - m0)
-    _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True)
+    _block_row_sums(x, dy, m0, m1, stats[0, m0:m1], sdy, sdyx, True, half)
     p, q, z = _block_grad_coefficients(stats, w, has_w, batch_stats, x.shape[0] * x.shape[3],
                                        m0, m1, sdy, sdyx, dw, db)
     if need_dx:
@@ -562,23 +591,33 @@ def _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw
                 i = m - m0
                 x_row, dy_row, dx_row = x[a, m, 0], dy[a, m, 0], dx[a, m, 0]
                 for s in range(x.shape[3]):
-                    dx_row[s] = dy_row[s] * p[i] + x_row[s] * q[i] + z[i]
+                    dx_row[s] = _narrow(_wide(dy_row[s], half) * p[i]
+                                        + _wide(x_row[s], half) * q[i] + z[i], half)
 
 
 def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
-                     group):
+                     group, calc, half):
     """mid_backward for BatchNorm with short rows, by channel blocks walked in memory order
     (see rowwise_forward_train): the sums pass, then the dx pass from cache.
 
-    dw / db are (M,): the per-channel sums of dy·xhat and dy."""
+    dw / db are (M,): the per-channel sums of dy·xhat and dy. x, dy and dx hold `like`'s
+    dtype, w, dw and db `calc`'s (`half` as in mid_forward_train)."""
     n_a, n_m, _, n_s = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w, dw, db = _at(w, like, (n_m,)), _at(dw, like, (n_m,)), _at(db, like, (n_m,))
+    w, dw, db = _at(w, calc, (n_m,)), _at(dw, calc, (n_m,)), _at(db, calc, (n_m,))
     stats = _at(stats, np.float64, (3, n_m))
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
-        _block_backward(x, dy, w, has_w, stats, batch_stats, m0, min(n_m, m0 + group), need_dx,
-                        dx, dw, db)
+        m1 = min(n_m, m0 + group)
+        if half is None:
+            _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db,
+                            None)
+        elif half:
+            _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db,
+                            True)
+        else:
+            _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db,
+                            False)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
