@@ -30,9 +30,9 @@ CALLS = {
         x, torch.linspace(-1, 1, x.shape[1], dtype=x.dtype),
         torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype), w, b, use_input_stats=False),
     "gn": lambda x, w, b: nF.group_norm(x, 2, w, b),
-    "ln": lambda x, w, b: nF.layer_norm(x, x.shape[-2:], None if w is None else
-                                        torch.ones(x.shape[-2:], dtype=x.dtype) * 1.5, b if b is None
-                                        else torch.zeros(x.shape[-2:], dtype=x.dtype) + 0.25),
+    "ln": lambda x, w, b: nF.layer_norm(
+        x, x.shape[-2:], None if w is None else torch.ones(x.shape[-2:], dtype=x.dtype) * 1.5,
+        b if b is None else torch.zeros(x.shape[-2:], dtype=x.dtype) + 0.25),
 }
 LAYOUTS = {
     "2d": lambda: torch.randn(7, 4),
@@ -429,14 +429,16 @@ def test_low_precision_inference_reads_16_bits(monkeypatch, dtype, case):
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
 
 
-def _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params):
+def _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params,
+                                         memory_format=torch.contiguous_format):
     """Train `make()` (weight drawn in [0.5, 1.5), bias normal, parameters float32 or `dtype`)
-    on float16 / bfloat16 x without any float32 copy of x, and on x.float() with float32
-    parameters: y, dx and the parameters' grads must be the float32 results rounded to their
-    dtypes; float32 running statistics must be equal (16-bit ones move by a 16-bit lerp)."""
+    on float16 / bfloat16 x (and dy) of `memory_format` without any float32 copy of x, and on
+    x.float() with float32 parameters: y, dx and the parameters' grads must be the float32
+    results rounded to their dtypes; float32 running statistics must be equal (16-bit ones
+    move by a 16-bit lerp)."""
     gen = torch.Generator().manual_seed(0)
-    x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
-    dy = torch.randn(shape, generator=gen).to(dtype)
+    x0 = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype, memory_format=memory_format)
+    dy = torch.randn(shape, generator=gen).to(dtype, memory_format=memory_format)
     results = []
     for low in (True, False):
         m = make()
@@ -458,6 +460,7 @@ def _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params
         results.append((y, x.grad, m.weight.grad, m.bias.grad, *buffers))
     (y, dx, dw, db, *stats), (y32, dx32, dw32, db32, *stats32) = results
     assert y.dtype == dx.dtype == dtype
+    assert y.stride() == dx.stride() == x0.stride()
     torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0)
     torch.testing.assert_close(dx, dx32.to(dtype), rtol=0, atol=0)
     param_dtype = dtype if params == "low" else torch.float32
@@ -523,7 +526,8 @@ def test_low_precision_layer_norm_double_backward(dtype):
     assert torch.equal(dw, dw32)
 
 
-MID_16_BIT = {  # calls on each 'mid' kernel, all of which read 16 bits
+CHANNELS_LAST = torch.channels_last
+TRAINING_16_BIT = {  # calls on each kernel (mid, rows-wise, items, cols, nsc); all read 16 bits
     "bn_long_rows": (lambda: normkit.BatchNorm2d(3), (2, 3, 48, 48)),
     "bn_short_rows": (lambda: normkit.BatchNorm2d(5), (6, 5, 14, 14)),
     "bn_short_rows_by_four": (lambda: normkit.BatchNorm2d(5), (6, 5, 7, 7)),
@@ -533,16 +537,21 @@ MID_16_BIT = {  # calls on each 'mid' kernel, all of which read 16 bits
     "gn_one_channel_groups": (lambda: normkit.GroupNorm(4, 4), (2, 4, 5, 6)),
     "in": (lambda: normkit.InstanceNorm2d(3, affine=True), (2, 3, 10, 12)),
     "in_short_items": (lambda: normkit.InstanceNorm2d(3, affine=True), (2, 3, 5, 7)),
+    "bn_channels_last": (lambda: normkit.BatchNorm2d(6), (5, 6, 7, 9), CHANNELS_LAST),
+    "bn1d_2d_input": (lambda: normkit.BatchNorm1d(40), (37, 40)),
+    "bn_channels_last_wide": (lambda: normkit.BatchNorm2d(2100), (2, 2100, 3, 3), CHANNELS_LAST),
+    "gn_channels_last": (lambda: normkit.GroupNorm(3, 6), (3, 6, 5, 7), CHANNELS_LAST),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("params", ["float32", "low"])
-@pytest.mark.parametrize("case", list(MID_16_BIT))
-def test_low_precision_contiguous_training_reads_16_bits(monkeypatch, dtype, params, case):
-    """BatchNorm, GroupNorm and InstanceNorm on contiguous float16 / bfloat16 x (long and
-    short rows, long and short items): the 'mid' kernels read and write the 16 bits (no
-    float32 copy) forward and backward; y, dx and the parameters' grads equal the float32
-    kernels' results rounded to their tensors' dtypes, and float32 running statistics are the
-    float32 path's."""
-    _assert_16_bit_kernels_match_float32(monkeypatch, *MID_16_BIT[case], dtype, params)
+@pytest.mark.parametrize("case", list(TRAINING_16_BIT))
+def test_low_precision_training_reads_16_bits(monkeypatch, dtype, params, case):
+    """BatchNorm, GroupNorm and InstanceNorm on float16 / bfloat16 x, contiguous (long and
+    short rows, long and short items) and channels_last: the kernels read and write the 16
+    bits (no float32 copy) forward and backward; y, dx and the parameters' grads equal the
+    float32 kernels' results rounded to their tensors' dtypes, and float32 running statistics
+    are the float32 path's."""
+    make, shape, *memory_format = TRAINING_16_BIT[case]
+    _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params, *memory_format)

@@ -1,5 +1,6 @@
-"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones: kernels
-that read the 16 bits where `_sixteen_bit_plan` says so, the others on float32 copies).
+"""CPU backend: numba kernels for float32/float64 CPU tensors (float16/bfloat16 ones: the same
+kernels reading and writing the 16 bits, see `_sixteen_bit_plan`; float32 copies while
+torch.compile traces).
 
 `normalize` has the contract of `normkit.backends.reference.normalize`. Calls the kernels do not
 cover (other dtypes or devices, layouts without a plan, empty tensors) are handed to the
@@ -24,7 +25,7 @@ from normkit.backends.plan import Plan, plan_for_layout
 name = "cpu"
 
 _DTYPES = (torch.float32, torch.float64)
-_WIDENED = (torch.float16, torch.bfloat16)  # computed by the float32 kernels
+_WIDENED = (torch.float16, torch.bfloat16)  # computed as the float32 kernels compute
 # Row blocks of the kernels that sum over rows (cols, rows backward): each block keeps float64
 # partial sums (two per column) that are merged in block order, so results depend on the shape
 # only, never on the thread count. At most MAX_BLOCKS blocks, at least MIN_BLOCK_ROWS rows each,
@@ -143,8 +144,8 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
         elif given:
             launch = (k.mid_forward_given, (*tail, plan.Wm, *calc_tail), True)
         elif plan.kind == "cols":
-            launch = (k.cols_forward_train, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)),
-                      False)
+            launch = (k.cols_forward_train,
+                      (*tail, _blocks(plan.A, plan.M), _tasks(plan.A), *calc_tail), False)
         elif _short_rows(plan, x):
             launch = (k.rowwise_forward_train, (*tail, _row_group(plan, x), *calc_tail),
                       False)
@@ -155,7 +156,7 @@ def _forward_launch(plan: Plan, x: Tensor, given: bool) -> tuple:
         elif plan.kind == "rows":
             launch = (k.rows_forward_train, (*tail, *calc_tail), False)
         else:
-            launch = (k.nsc_forward_train, tail, False)
+            launch = (k.nsc_forward_train, (*tail, *calc_tail), False)
         plan.launches[key] = launch
     return launch
 
@@ -190,11 +191,12 @@ def _backward_launch(plan: Plan, x: Tensor) -> tuple:
         k = _kernels(x.numel())
         tail = (_LIKE[x.dtype], plan.array_shape)
         if plan.kind == "cols":
-            launch = (k.cols_backward, True, (*tail, _blocks(plan.A, plan.M), _tasks(plan.A)))
+            launch = (k.cols_backward, True,
+                      (*tail, _blocks(plan.A, plan.M), _tasks(plan.A), *_calc_tail(x)))
         elif plan.kind == "rows":
             launch = (k.rows_backward, False, (*tail, _blocks(plan.M, plan.J), *_calc_tail(x)))
         elif plan.kind == "nsc":
-            launch = (k.nsc_backward, False, tail)
+            launch = (k.nsc_backward, False, (*tail, *_calc_tail(x)))
         elif _short_rows(plan, x):
             launch = (k.rowwise_backward, True, (*tail, _row_group(plan, x), *_calc_tail(x)))
         else:
@@ -320,21 +322,15 @@ def normalize(
 
 
 def _sixteen_bit_plan(x, weight, bias, dims, mean, var, shape, groups):
-    """(plan, float32 (weight, bias, mean, var)) when kernels read and write float16 /
-    bfloat16 x's own 16 bits, computing as the float32 kernels would: LayerNorm's rows and
-    every 'mid' plan (BatchNorm, GroupNorm and InstanceNorm on contiguous x), forward and
-    backward, and inference with given statistics (nothing to record for autograd); None
-    otherwise (channels_last training, and while torch.compile traces)."""
+    """(plan, float32 (weight, bias, mean, var)) of a call whose kernels read and write
+    float16 / bfloat16 x's own 16 bits, computing as the float32 kernels would (every plan,
+    forward and backward); None while torch.compile traces (the traced graph casts) and for
+    calls no plan covers."""
     if torch.compiler.is_compiling():
         return None
     w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
     plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
-    if plan is None:
-        return None
-    if plan.kind in ("rows", "mid") or (mean is not None
-                                        and not reference.needs_grad(x, weight, bias)):
-        return plan, (w, b, m, v)
-    return None
+    return None if plan is None else (plan, (w, b, m, v))
 
 
 def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, groups):
@@ -343,8 +339,9 @@ def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, 
     own low-precision norms compute in float32 as well). The casts are autograd ops: the
     output grad reaches the kernels in float32, dx returns in x's dtype and each parameter's
     grad in its own. x's and y's copies come from the buffer pool (a fresh 100 MB tensor costs
-    tens of ms of page faults); the float32 copy of x is kept for the backward. The calls
-    whose kernels read 16 bits (`_sixteen_bit_plan`) do not come here."""
+    tens of ms of page faults); the float32 copy of x is kept for the backward. Serves what
+    `_sixteen_bit_plan` does not: traced calls (the graph's casts and float32 custom ops) and
+    calls no plan covers (the reference then runs on the copies)."""
     y, batch_mean, batch_var = normalize(
         cpu_buffers.converted(x, torch.float32), *(_float32(t) for t in (weight, bias)), dims,
         eps, *(_float32(t) for t in (mean, var)), shape, running, with_stats, groups)

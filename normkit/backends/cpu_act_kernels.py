@@ -290,7 +290,7 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
     if given:
         _given_stats(mean, var, eps, stats)
     else:
-        _cols_batch_stats(x, eps, stats, n_blocks)
+        _cols_batch_stats(x, eps, stats, n_blocks, None)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
@@ -341,7 +341,7 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
                 if code == 1 or code == 2:
                     _unpack_flags(bits[0, i], words)
                 _dz_row(dout[i], code, slope, flags, z, kept, deriv[i % deriv.shape[0]], dz[i])
-            _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True)
+            _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True, None)
             row = last
     p = np.empty(n_c)
     q = np.empty(n_c)
@@ -349,9 +349,9 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q,
                             zc)
     if need_dx and in_place:
-        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks)
+        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks, None)
     elif need_dx:
-        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks)
+        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks, None)
 
 
 _KERNELS = {fn.__name__: fn for fn in (mid_act_forward, mid_act_backward, cols_act_forward,

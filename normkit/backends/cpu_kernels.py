@@ -1,4 +1,4 @@
-"""numba kernels of the CPU backend (fp32/fp64 data, fp64 accumulation).
+"""numba kernels of the CPU backend (fp32/fp64/fp16/bf16 data, fp64 accumulation).
 
 Four memory shapes cover every op (see `normkit.backends.plan`):
 - mid  (A, M, J, S): statistics per m over (a, j, s); affine per (m % Wm, j). BatchNorm NCHW
@@ -19,10 +19,13 @@ Every kernel exists twice: `parallel` (prange over threads) and `serial` (for sm
 where waking the thread pool costs more than the work). Kernels take tensors by address
 (`Tensor.data_ptr()`, memory laid out as the plan says) with a zero-size array `like` of the
 data's dtype and the plan's sizes: turning a tensor into a numpy array costs microseconds,
-which small inputs notice. Parameters, given statistics and weight / bias gradients share the
-data's dtype (except in the given-statistics, rows and mid kernels, which also read float16 /
-bfloat16 data through `cpu_half` and then take float32 ones); statistics are a (3, items)
-float64 array: mean, biased variance, 1/sqrt(var + eps).
+which small inputs notice. The kernels also read and write float16 / bfloat16 data (as uint16,
+converted by `cpu_half`), computing as for float32 data and rounding each result to 16 bits:
+`like` is then a uint16 array, `calc` float32 and `half` says the format (True float16, False
+bfloat16, None for float32 / float64 data). Parameters, given statistics and weight / bias
+gradients have `calc`'s dtype (the data's own, or float32 for 16-bit data); the row / item /
+block helpers are called with `half` as a constant, so their conversions vectorize.
+Statistics are a (3, items) float64 array: mean, biased variance, 1/sqrt(var + eps).
 """
 
 from __future__ import annotations
@@ -118,23 +121,24 @@ UNROLL_COLUMNS = 1024
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_sums(x, g, lo, hi, center, s1, s2, use_g):
+def _cols_sums(x, g, lo, hi, center, s1, s2, use_g, half):
     """One block's column sums over rows lo..hi-1, with d = x[r, c] - center[c]:
-    s1[c] += Σ d, s2[c] += Σ d² (statistics), or with use_g s1[c] += Σ g, s2[c] += Σ g·d."""
+    s1[c] += Σ d, s2[c] += Σ d² (statistics), or with use_g s1[c] += Σ g, s2[c] += Σ g·d
+    (`half` as in `_wide`)."""
     r = lo
     if x.shape[1] >= UNROLL_COLUMNS:
         while r + 4 <= hi:
             for c in range(x.shape[1]):
                 k = center[c]
-                d0 = np.float64(x[r, c]) - k
-                d1 = np.float64(x[r + 1, c]) - k
-                d2 = np.float64(x[r + 2, c]) - k
-                d3 = np.float64(x[r + 3, c]) - k
+                d0 = _wide(x[r, c], half) - k
+                d1 = _wide(x[r + 1, c], half) - k
+                d2 = _wide(x[r + 2, c], half) - k
+                d3 = _wide(x[r + 3, c], half) - k
                 if use_g:
-                    g0 = np.float64(g[r, c])
-                    g1 = np.float64(g[r + 1, c])
-                    g2 = np.float64(g[r + 2, c])
-                    g3 = np.float64(g[r + 3, c])
+                    g0 = _wide(g[r, c], half)
+                    g1 = _wide(g[r + 1, c], half)
+                    g2 = _wide(g[r + 2, c], half)
+                    g3 = _wide(g[r + 3, c], half)
                     s1[c] += (g0 + g1) + (g2 + g3)
                     s2[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
                 else:
@@ -143,9 +147,9 @@ def _cols_sums(x, g, lo, hi, center, s1, s2, use_g):
             r += 4
     while r < hi:
         for c in range(x.shape[1]):
-            d = np.float64(x[r, c]) - center[c]
+            d = _wide(x[r, c], half) - center[c]
             if use_g:
-                gv = np.float64(g[r, c])
+                gv = _wide(g[r, c], half)
                 s1[c] += gv
                 s2[c] += gv * d
             else:
@@ -176,19 +180,19 @@ def _cols_merge_stats(s1_part, s2_part, shift, count, eps, stats):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_batch_stats(x, eps, stats, n_blocks):
+def _cols_batch_stats(x, eps, stats, n_blocks, half):
     """Column statistics of x (rows, columns): shifted sums per block of rows (in parallel),
-    merged in block order."""
+    merged in block order (`half` as in `_wide`)."""
     n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
     shift = np.empty(n_c)
     for c in range(n_c):
-        shift[c] = x[0, c]
+        shift[c] = _wide(x[0, c], half)
     for blk in prange(n_blocks):
         _cols_sums(x, x, blk * per_block, min(n_r, (blk + 1) * per_block), shift,
-                   s1_part[blk], s2_part[blk], False)
+                   s1_part[blk], s2_part[blk], False, half)
     _cols_merge_stats(s1_part, s2_part, shift, n_r, eps, stats)
 
 
@@ -199,10 +203,11 @@ PAIR_ROWS_COLUMNS = 2048
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks):
+def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks, half):
     """out[r, c] = g[r, c] * p[c] + x[r, c] * q[c] + z[c] (dx), or without the g term
     (use_g False: y = x * alpha + beta with q = alpha, z = beta), over `n_tasks` ranges of
-    rows in parallel; two rows per coefficient load from PAIR_ROWS_COLUMNS columns."""
+    rows in parallel; two rows per coefficient load from PAIR_ROWS_COLUMNS columns (`half` as
+    in `_wide` / `_narrow`)."""
     n_r, n_c = x.shape
     per_task = (n_r + n_tasks - 1) // n_tasks
     step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
@@ -217,18 +222,22 @@ def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks):
                     zc = z[c]
                     if use_g:
                         pc = p[c]
-                        o0[c] = g0[c] * pc + x0[c] * qc + zc
-                        o1[c] = g1[c] * pc + x1[c] * qc + zc
+                        o0[c] = _narrow(_wide(g0[c], half) * pc + _wide(x0[c], half) * qc + zc,
+                                        half)
+                        o1[c] = _narrow(_wide(g1[c], half) * pc + _wide(x1[c], half) * qc + zc,
+                                        half)
                     else:
-                        o0[c] = x0[c] * qc + zc
-                        o1[c] = x1[c] * qc + zc
+                        o0[c] = _narrow(_wide(x0[c], half) * qc + zc, half)
+                        o1[c] = _narrow(_wide(x1[c], half) * qc + zc, half)
                 r += 2
             else:
+                xr, gr, orow = x[r], g[r], out[r]
                 for c in range(n_c):
                     if use_g:
-                        out[r, c] = g[r, c] * p[c] + x[r, c] * q[c] + z[c]
+                        orow[c] = _narrow(_wide(gr[c], half) * p[c] + _wide(xr[c], half) * q[c]
+                                          + z[c], half)
                     else:
-                        out[r, c] = x[r, c] * q[c] + z[c]
+                        orow[c] = _narrow(_wide(xr[c], half) * q[c] + z[c], half)
                 r += 1
 
 
@@ -798,20 +807,32 @@ def rows_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, n_bl
     _sum_groups(db_part, 1, db)
 
 
-def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks, n_tasks):
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_forward(x, w, b, has_w, has_b, eps, y, stats, n_blocks, n_tasks, half):
+    """cols_forward_train on its arrays, `half` a constant."""
+    _cols_batch_stats(x, eps, stats, n_blocks, half)
+    alpha = np.empty(x.shape[1])
+    beta = np.empty(x.shape[1])
+    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
+    _cols_elementwise(x, x, False, alpha, alpha, beta, y, n_tasks, half)
+
+
+def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks, n_tasks,
+                       calc, half):
     """Per column c of (R, C) = `shape` over all rows: y = (x - mean[c]) * rstd[c] * w[c] + b[c].
 
     Statistics by `n_blocks` row blocks (each with float64 partial sums), the elementwise pass by
-    `n_tasks` row ranges."""
+    `n_tasks` row ranges. `like`, `calc` and `half` as in mid_forward_train."""
     n_c = shape[1]
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_c,)), _at(b, like, (n_c,))
+    w, b = _at(w, calc, (n_c,)), _at(b, calc, (n_c,))
     stats = _at(stats, np.float64, (3, n_c))
-    _cols_batch_stats(x, eps, stats, n_blocks)
-    alpha = np.empty(n_c)
-    beta = np.empty(n_c)
-    _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_elementwise(x, x, False, alpha, alpha, beta, y, n_tasks)
+    if half is None:
+        _cols_forward(x, w, b, has_w, has_b, eps, y, stats, n_blocks, n_tasks, None)
+    elif half:
+        _cols_forward(x, w, b, has_w, has_b, eps, y, stats, n_blocks, n_tasks, True)
+    else:
+        _cols_forward(x, w, b, has_w, has_b, eps, y, stats, n_blocks, n_tasks, False)
 
 
 def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, shape, n_tasks,
@@ -841,114 +862,166 @@ def cols_forward_given(x, w, b, has_w, has_b, mean, var, eps, y, stats, like, sh
                 yr[c] = _affine(xr[c], mu[c], alpha[c], beta[c], half)
 
 
-def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
-                  n_blocks, n_tasks):
-    """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy (by `n_blocks` row blocks), and
-    (need_dx) the input grad (by `n_tasks` row ranges)."""
-    n_r, n_c = shape
-    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w, dw, db = _at(w, like, (n_c,)), _at(dw, like, (n_c,)), _at(db, like, (n_c,))
-    stats = _at(stats, np.float64, (3, n_c))
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks, n_tasks,
+                   half):
+    """cols_backward on its arrays, `half` a constant."""
+    n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
     mean = stats[0].copy()
     for blk in prange(n_blocks):
         _cols_sums(x, dy, blk * per_block, min(n_r, (blk + 1) * per_block), mean,
-                   s1_part[blk], s2_part[blk], True)
+                   s1_part[blk], s2_part[blk], True, half)
     p = np.empty(n_c)
     q = np.empty(n_c)
     z = np.empty(n_c)
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
-        _cols_elementwise(x, dy, True, p, q, z, dx, n_tasks)
+        _cols_elementwise(x, dy, True, p, q, z, dx, n_tasks, half)
 
 
-def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape):
+def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
+                  n_blocks, n_tasks, calc, half):
+    """Column-wise backward: dw[c] = Σ dy·xhat, db[c] = Σ dy (by `n_blocks` row blocks), and
+    (need_dx) the input grad (by `n_tasks` row ranges). x, dy and dx hold `like`'s dtype, w,
+    dw and db `calc`'s (`half` as in mid_forward_train)."""
+    n_c = shape[1]
+    x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
+    w, dw, db = _at(w, calc, (n_c,)), _at(dw, calc, (n_c,)), _at(db, calc, (n_c,))
+    stats = _at(stats, np.float64, (3, n_c))
+    if half is None:
+        _cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks,
+                       n_tasks, None)
+    elif half:
+        _cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks,
+                       n_tasks, True)
+    else:
+        _cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_blocks,
+                       n_tasks, False)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, half):
+    """Sample n of nsc_forward_train, its (S, C) slabs xs / ys (`half` as in `_wide`)."""
+    n_s, n_c = xs.shape
+    n_g, n_cg = w.shape
+    count = n_s * n_cg
+    shift = np.empty(n_c)
+    for c in range(n_c):
+        shift[c] = _wide(xs[0, (c // n_cg) * n_cg], half)
+    s1 = np.zeros(n_c)
+    s2 = np.zeros(n_c)
+    _cols_sums(xs, xs, 0, n_s, shift, s1, s2, False, half)
+    alpha = np.empty(n_c)
+    beta = np.empty(n_c)
+    for g in range(n_g):
+        m = n * n_g + g
+        g1 = 0.0
+        g2 = 0.0
+        for cg in range(n_cg):
+            g1 += s1[g * n_cg + cg]
+            g2 += s2[g * n_cg + cg]
+        _finish(g1, g2, shift[g * n_cg], count, eps, stats, m)
+        for cg in range(n_cg):
+            c = g * n_cg + cg
+            alpha[c] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
+            beta[c] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[c]
+    for s in range(n_s):
+        x_row, y_row = xs[s], ys[s]
+        for c in range(n_c):
+            y_row[c] = _narrow(_wide(x_row[c], half) * alpha[c] + beta[c], half)
+
+
+def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, half):
     """Per (n, g) over (s, cg): y = (x - mean) * rstd * w[g, cg] + b[g, cg]; stats[:, n*G + g].
 
     Each sample is a channels-last (S, C) slab: per-channel shifted sums run along whole rows
-    of C contiguous values (vectorizable), then the channels of each group are merged."""
+    of C contiguous values (vectorizable), then the channels of each group are merged. `like`,
+    `calc` and `half` as in mid_forward_train."""
     n_n, n_s, n_g, n_cg = shape
     x, y = _at(x, like, shape), _at(y, like, shape)
-    w, b = _at(w, like, (n_g, n_cg)), _at(b, like, (n_g, n_cg))
+    w, b = _at(w, calc, (n_g, n_cg)), _at(b, calc, (n_g, n_cg))
     stats = _at(stats, np.float64, (3, n_n * n_g))
     n_c = n_g * n_cg
-    count = n_s * n_cg
     for n in prange(n_n):
         xs = x[n].reshape(n_s, n_c)
         ys = y[n].reshape(n_s, n_c)
-        shift = np.empty(n_c)
-        for c in range(n_c):
-            shift[c] = xs[0, (c // n_cg) * n_cg]
-        s1 = np.zeros(n_c)
-        s2 = np.zeros(n_c)
-        _cols_sums(xs, xs, 0, n_s, shift, s1, s2, False)
-        alpha = np.empty(n_c)
-        beta = np.empty(n_c)
-        for g in range(n_g):
-            m = n * n_g + g
-            g1 = 0.0
-            g2 = 0.0
-            for cg in range(n_cg):
-                g1 += s1[g * n_cg + cg]
-                g2 += s2[g * n_cg + cg]
-            _finish(g1, g2, shift[g * n_cg], count, eps, stats, m)
-            for cg in range(n_cg):
-                c = g * n_cg + cg
-                alpha[c] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
-                beta[c] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[c]
+        if half is None:
+            _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, None)
+        elif half:
+            _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, True)
+        else:
+            _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, False)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _nsc_sample_backward(xs, dys, dxs, w, has_w, stats, need_dx, dw_part, db_part, n, half):
+    """Sample n of nsc_backward, its (S, C) slabs xs / dys / dxs: dw_part[n], db_part[n]
+    (G, Cg) and (need_dx) dxs (`half` as in `_wide`)."""
+    n_s, n_c = xs.shape
+    n_g, n_cg = w.shape
+    count = n_s * n_cg
+    mean_c = np.empty(n_c)
+    for c in range(n_c):
+        mean_c[c] = stats[0, n * n_g + c // n_cg]
+    sdy = np.zeros(n_c)
+    sdyx = np.zeros(n_c)
+    _cols_sums(xs, dys, 0, n_s, mean_c, sdy, sdyx, True, half)
+    p = np.empty(n_c)
+    q = np.empty(n_c)
+    z = np.empty(n_c)
+    for g in range(n_g):
+        m = n * n_g + g
+        r = stats[2, m]
+        sum_g = 0.0
+        sum_gx = 0.0
+        for cg in range(n_cg):
+            c = g * n_cg + cg
+            dw_part[n, g, cg] = sdyx[c] * r
+            db_part[n, g, cg] = sdy[c]
+            wj = w[g, cg] if has_w else 1.0
+            sum_g += sdy[c] * wj
+            sum_gx += sdyx[c] * r * wj
+            p[c] = r * wj
+        for cg in range(n_cg):
+            c = g * n_cg + cg
+            q[c] = -r * r * sum_gx / count
+            z[c] = -r * sum_g / count - q[c] * stats[0, m]
+    if need_dx:
         for s in range(n_s):
+            x_row, dy_row, dx_row = xs[s], dys[s], dxs[s]
             for c in range(n_c):
-                ys[s, c] = xs[s, c] * alpha[c] + beta[c]
+                dx_row[c] = _narrow(_wide(dy_row[c], half) * p[c] + _wide(x_row[c], half) * q[c]
+                                    + z[c], half)
 
 
-def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape):
+def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, calc, half):
     """GroupNorm channels_last backward; dw/db (G, Cg) summed per sample, then over samples in
-    order."""
+    order. x, dy and dx hold `like`'s dtype, w, dw and db `calc`'s (`half` as in
+    mid_forward_train)."""
     n_n, n_s, n_g, n_cg = shape
     x, dy, dx = _at(x, like, shape), _at(dy, like, shape), _at(dx, like, shape)
-    w = _at(w, like, (n_g, n_cg))
-    dw, db = _at(dw, like, (1, n_g * n_cg)), _at(db, like, (1, n_g * n_cg))
+    w = _at(w, calc, (n_g, n_cg))
+    dw, db = _at(dw, calc, (1, n_g * n_cg)), _at(db, calc, (1, n_g * n_cg))
     stats = _at(stats, np.float64, (3, n_n * n_g))
     dw_part = np.empty((n_n, n_g, n_cg))
     db_part = np.empty((n_n, n_g, n_cg))
     n_c = n_g * n_cg
-    count = n_s * n_cg
     for n in prange(n_n):
         xs = x[n].reshape(n_s, n_c)
         dys = dy[n].reshape(n_s, n_c)
-        mean_c = np.empty(n_c)
-        for c in range(n_c):
-            mean_c[c] = stats[0, n * n_g + c // n_cg]
-        sdy = np.zeros(n_c)
-        sdyx = np.zeros(n_c)
-        _cols_sums(xs, dys, 0, n_s, mean_c, sdy, sdyx, True)
-        p = np.empty(n_c)
-        q = np.empty(n_c)
-        z = np.empty(n_c)
-        for g in range(n_g):
-            m = n * n_g + g
-            r = stats[2, m]
-            sum_g = 0.0
-            sum_gx = 0.0
-            for cg in range(n_cg):
-                c = g * n_cg + cg
-                dw_part[n, g, cg] = sdyx[c] * r
-                db_part[n, g, cg] = sdy[c]
-                wj = w[g, cg] if has_w else 1.0
-                sum_g += sdy[c] * wj
-                sum_gx += sdyx[c] * r * wj
-                p[c] = r * wj
-            for cg in range(n_cg):
-                c = g * n_cg + cg
-                q[c] = -r * r * sum_gx / count
-                z[c] = -r * sum_g / count - q[c] * stats[0, m]
-        if need_dx:
-            dxs = dx[n].reshape(n_s, n_c)
-            for s in range(n_s):
-                for c in range(n_c):
-                    dxs[s, c] = dys[s, c] * p[c] + xs[s, c] * q[c] + z[c]
+        dxs = dx[n].reshape(n_s, n_c) if need_dx else dys
+        if half is None:
+            _nsc_sample_backward(xs, dys, dxs, w, has_w, stats, need_dx, dw_part, db_part, n,
+                                 None)
+        elif half:
+            _nsc_sample_backward(xs, dys, dxs, w, has_w, stats, need_dx, dw_part, db_part, n,
+                                 True)
+        else:
+            _nsc_sample_backward(xs, dys, dxs, w, has_w, stats, need_dx, dw_part, db_part, n,
+                                 False)
     _sum_groups(dw_part.reshape(n_n, n_c), 1, dw)
     _sum_groups(db_part.reshape(n_n, n_c), 1, db)
 
