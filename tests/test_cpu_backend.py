@@ -6,6 +6,7 @@ import torch
 import normkit
 import normkit.functional as nF
 from normkit.backends import backend_for, cpu, cpu_kernels, reference
+from normkit.backends import plan as plan_module
 from normkit.backends.plan import plan_for
 
 
@@ -222,8 +223,29 @@ def test_group_norm_channels_last_plan():
     assert torch.equal(memory.view(plan.array_shape), as_planned)
 
 
+def _launched_group(x, weight, bias) -> int:
+    """The channel block that the short-row forward of this BatchNorm layout ran with."""
+    plan = cpu._plan(x, weight, bias, (0, 2, 3), None, None, (1, x.shape[1], 1, 1))
+    kernel, args, _ = plan.launches[(x.dtype, False)]
+    assert kernel.py_func.__name__.startswith("rowwise_forward_train")
+    return args[2]
+
+
+@pytest.fixture
+def fresh_plans():
+    """Plans (and the kernel launches they cache, channel blocks included) made anew while the
+    test runs and after it, so a patched block size is used and does not linger."""
+    def clear():
+        cpu._layout_plan.cache_clear()
+        plan_module._plan.cache_clear()
+
+    clear()
+    yield clear
+    clear()
+
+
 @pytest.mark.parametrize("spatial", [(5, 6), (12, 12)])
-def test_short_row_kernels_by_channel_blocks(monkeypatch, spatial):
+def test_short_row_kernels_by_channel_blocks(monkeypatch, fresh_plans, spatial):
     """BatchNorm with rows shorter than a page runs by blocks of channels: one channel, blocks
     that do not divide the channel count, all channels; every blocking gives the same bits,
     and the reference's values. Rows of 30 elements are summed four samples at a time (5
@@ -238,11 +260,13 @@ def test_short_row_kernels_by_channel_blocks(monkeypatch, spatial):
     results = []
     for group in (1, 3, 7):
         monkeypatch.setattr(cpu, "ROW_GROUP_BYTES", group * channel_bytes)
+        fresh_plans()
         assert cpu._row_group(plan, x0) == group
         leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
         with normkit.use_backend("cpu"):
             y = nF.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)
         assert _kernel_ran(y)
+        assert _launched_group(x0, w0, b0) == group
         y.backward(dy)
         results.append([y.detach()] + [t.grad for t in leaves])
     leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
@@ -254,6 +278,33 @@ def test_short_row_kernels_by_channel_blocks(monkeypatch, spatial):
         for a, b, e in zip(got, results[0], expected):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_short_row_kernels_split_the_channels(monkeypatch, fresh_plans):
+    """A tensor the parallel kernels take, small enough for one ROW_GROUP_BYTES block, is split
+    into MIN_ROW_BLOCKS blocks of channels, with the bits of the one-block run."""
+    x0 = torch.randn(9, 30, 16, 16) * 2 + 3
+    w0 = torch.rand(30)
+    assert x0.numel() >= cpu.SERIAL_BELOW
+    plan = plan_for(x0, (0, 2, 3), (1, 30, 1, 1))
+    assert cpu._short_rows(plan, x0)
+    assert cpu._row_group(plan, x0) == 4  # 30 channels: 8 blocks of 4 (the last of 2)
+    dy = torch.randn_like(x0)
+    results = []
+    for blocks in (cpu.MIN_ROW_BLOCKS, 1):
+        monkeypatch.setattr(cpu, "MIN_ROW_BLOCKS", blocks)
+        fresh_plans()
+        group = 4 if blocks > 1 else 30
+        assert cpu._row_group(plan, x0) == group
+        leaves = [t.clone().requires_grad_() for t in (x0, w0)]
+        with normkit.use_backend("cpu"):
+            y = nF.batch_norm(leaves[0], None, None, leaves[1], None, True)
+        assert _kernel_ran(y)
+        assert _launched_group(x0, w0, None) == group
+        y.backward(dy)
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
