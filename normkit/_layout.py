@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 
-def _strides_like_channels_last(t: Tensor, order: tuple[int, ...]) -> bool:
-    """torch's stride heuristic: True when `order` (fastest dim first) matches t's strides."""
-    sizes, strides = t.shape, t.stride()
+def _strides_like_channels_last(sizes: tuple[int, ...], strides: tuple[int, ...],
+                                order: tuple[int, ...]) -> bool:
+    """torch's stride heuristic: True when `order` (fastest dim first) matches the strides."""
     if strides[1] == 0:
         return False
     smallest = 0
@@ -23,15 +23,23 @@ def _strides_like_channels_last(t: Tensor, order: tuple[int, ...]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _suggested_for_strides(sizes: tuple[int, ...], strides: tuple[int, ...]
+                           ) -> torch.memory_format:
+    """`suggest_memory_format` of a strided tensor, by its sizes and strides (memoized: the
+    heuristic costs ~2 us a call, which small inputs notice)."""
+    if len(sizes) == 4 and _strides_like_channels_last(sizes, strides, (1, 3, 2, 0)):
+        return torch.channels_last
+    if len(sizes) == 5 and _strides_like_channels_last(sizes, strides, (1, 4, 3, 2, 0)):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def suggest_memory_format(t: Tensor) -> torch.memory_format:
     """The memory format torch's normalization kernels give their outputs for input `t`."""
     if t.layout != torch.strided:
         return torch.contiguous_format
-    if t.dim() == 4 and _strides_like_channels_last(t, (1, 3, 2, 0)):
-        return torch.channels_last
-    if t.dim() == 5 and _strides_like_channels_last(t, (1, 4, 3, 2, 0)):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    return _suggested_for_strides(t.shape, t.stride())
 
 
 def dense_in_suggested_format(t: Tensor) -> Tensor:

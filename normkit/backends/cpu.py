@@ -20,6 +20,7 @@ from torch.autograd.graph import increment_version
 
 from normkit._layout import with_strides_of
 from normkit.backends import cpu_buffers, reference
+from normkit.backends.direct_apply import direct_apply
 from normkit.backends.plan import Plan, plan_for_layout
 
 name = "cpu"
@@ -287,6 +288,9 @@ class _CpuNormalize(torch.autograd.Function):
         return dx, (dw if weight is not None else None), (db if bias is not None else None), None
 
 
+_apply_cpu_normalize = direct_apply(_CpuNormalize)
+
+
 def normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -318,8 +322,8 @@ def normalize(
         y, stats = _traced_normalize(plan, x, weight, bias, eps, mean, var)
     elif reference.needs_grad(x, weight, bias):
         stats = _stats_buffer(plan.items)
-        y = _CpuNormalize.apply(x, weight, bias,
-                                (plan, dims, eps, mean, var, shape, stats, groups))
+        y = _apply_cpu_normalize(x, weight, bias,
+                                 (plan, dims, eps, mean, var, shape, stats, groups))
     else:
         y, stats = _forward(plan, x, weight, bias, eps, mean, var)
     if running is not None and mean is None:
@@ -470,5 +474,5 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
     call = (running_mean, running_var, training, momentum, eps, act, negative_slope,
             memory_efficient, plan)
     if reference.needs_grad(x, weight, bias, residual):
-        return cpu_act.CpuBatchNormAct.apply(x, weight, bias, residual, call)
+        return cpu_act.apply_batch_norm_act(x, weight, bias, residual, call)
     return cpu_act.fused_forward(x, weight, bias, residual, call)[0]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from normkit._layout import batch_layout, with_strides_of
 from normkit.backends import cpu, cpu_buffers
+from normkit.backends.direct_apply import direct_apply
 from normkit.backends.plan import Plan
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
@@ -143,3 +144,6 @@ class CpuBatchNormAct(torch.autograd.Function):
         dw = None if weight is None else dw  # (C,): the weight's own shape
         db = None if bias is None else db
         return dx, dw, db, dr, None
+
+
+apply_batch_norm_act = direct_apply(CpuBatchNormAct)
