@@ -1,5 +1,8 @@
 """The numba CPU backend: it really runs, agrees with the reference, and is deterministic."""
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
@@ -606,3 +609,38 @@ def test_low_precision_training_reads_16_bits(monkeypatch, dtype, params, case):
     are the float32 path's."""
     make, shape, *memory_format = TRAINING_16_BIT[case]
     _assert_16_bit_kernels_match_float32(monkeypatch, make, shape, dtype, params, *memory_format)
+
+
+def test_no_grad_statistics_scratch_is_per_thread():
+    """No-grad calls whose statistics nobody reads write them to a per-thread scratch: Python
+    threads running such calls at once (the kernels release the GIL) get the bits of
+    one-at-a-time runs; a call that returns its statistics gets a buffer of its own."""
+    gen = torch.Generator().manual_seed(7)
+    inputs = [torch.randn(8, 64, 11, 11, generator=gen) * (i + 1) + i for i in range(4)]
+    weight = torch.rand(64, generator=gen)
+    items = 8 * 16
+    assert items <= cpu.SCRATCH_ITEMS
+    with torch.no_grad(), normkit.use_backend("cpu"):
+        expected = [nF.group_norm(x, 16, weight) for x in inputs]
+        scratch = cpu._scratch.buffer[:3 * items].reshape(3, items)
+        scratch[:] = np.nan
+        nF.group_norm(inputs[0], 16, weight)
+        true_mean = inputs[0].view(8, 16, -1).double().mean(2).flatten()
+        torch.testing.assert_close(torch.from_numpy(scratch[0].copy()), true_mean)
+        failures = []
+
+        def work(i):
+            for _ in range(1000):
+                if not torch.equal(nF.group_norm(inputs[i], 16, weight), expected[i]):
+                    failures.append(i)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        _, mean, _ = cpu.normalize(inputs[0], weight, None, (2, 3, 4), 1e-5,
+                                   shape=(1, 16, 4, 1, 1), with_stats=True, groups=16)
+        nF.group_norm(inputs[1], 16, weight)
+        torch.testing.assert_close(mean, true_mean, rtol=1e-12, atol=1e-12)
