@@ -644,3 +644,57 @@ def test_no_grad_statistics_scratch_is_per_thread():
                                    shape=(1, 16, 4, 1, 1), with_stats=True, groups=16)
         nF.group_norm(inputs[1], 16, weight)
         torch.testing.assert_close(mean, true_mean, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("act,memory_efficient", [("identity", False), ("relu", False),
+                                                  ("relu", True), ("leaky_relu", False),
+                                                  ("silu", False), ("silu", True)])
+def test_low_precision_fused_kernels_read_16_bits(monkeypatch, dtype, layout, act,
+                                                  memory_efficient):
+    """BatchNormAct2d on float16 / bfloat16 x and residual runs the fused kernels on their own
+    16 bits (a float32 copy would fail), in training and then in eval: the output and the
+    running statistics are the float32 path's, rounded. dL/dz is held in x's dtype, as torch's
+    composition holds it: identity and relu make it exact in 16 bits, so every grad is the
+    float32 path's rounded too; leaky_relu and silu (and silu's kept act'(z)) round it, so
+    their grads stay within two units of x's dtype (of the largest grad) of the float32
+    path's, but for the residual grad of leaky_relu and of memory-efficient silu (dL/dz
+    itself, rounded once either way)."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (5, 6, 7, 9)
+    x0, r0, dy = ((torch.randn(shape, generator=gen) * s + s).to(dtype, memory_format=layout)
+                  for s in (2, 1, 1))
+    eps = torch.finfo(dtype).eps
+    ours, theirs = (normkit.BatchNormAct2d(6, act=act, memory_efficient=memory_efficient)
+                    for _ in range(2))
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5, generator=gen)
+        ours.bias.normal_(generator=gen)
+    theirs.load_state_dict(ours.state_dict())
+    for training in (True, False):
+        results = []
+        for m, low in ((ours, True), (theirs, False)):
+            m.train(training).zero_grad()
+            x, r = ((t if low else t.float()).detach().requires_grad_() for t in (x0, r0))
+            with monkeypatch.context() as patch:
+                if low:
+                    patch.setattr(cpu.cpu_buffers, "converted", None)
+                y = m(x, r)
+                assert "CpuBatchNormAct" in type(y.grad_fn).__name__
+                y.backward(dy if low else dy.float())
+            results.append((y, x.grad, r.grad, m.weight.grad, m.bias.grad))
+        (y, dx, dr, dw, db), (y32, dx32, dr32, dw32, db32) = results
+        assert y.dtype == dx.dtype == dr.dtype == dtype and dw.dtype == torch.float32
+        assert y.stride() == dx.stride() == dr.stride() == x0.stride()
+        assert torch.equal(y, y32.to(dtype))
+        assert torch.equal(ours.running_mean, theirs.running_mean)
+        assert torch.equal(ours.running_var, theirs.running_var)
+        exact_dz = act in ("identity", "relu")
+        dz_rounded_once = act == "leaky_relu" or (act == "silu" and memory_efficient)
+        grads = {"dx": (dx, dx32), "dw": (dw, dw32), "db": (db, db32), "dr": (dr, dr32)}
+        for name, (got, want) in grads.items():
+            if exact_dz or (name == "dr" and dz_rounded_once):
+                assert torch.equal(got, want.to(got.dtype)), name
+            else:
+                assert (got.float() - want).abs().max() <= 2 * eps * want.abs().max(), name

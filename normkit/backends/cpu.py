@@ -476,22 +476,25 @@ def _kernel_buffers(running_mean: Tensor, running_var: Tensor, n: int) -> bool:
 def batch_norm_act(x, weight, bias, residual, running_mean, running_var, training, momentum,
                    eps, act, negative_slope, memory_efficient) -> Tensor:
     """`reference.batch_norm_act`, on the fused kernels of `cpu_act` when they cover the call
-    (float16 / bfloat16 x: on float32 copies, as `normalize` does)."""
+    (float16 / bfloat16 x: on its 16 bits with float32 parameters, or float32 copies where
+    the kernels cannot, as `normalize` does)."""
     from normkit.backends import cpu_act
 
+    plan = None
     if x.dtype in _WIDENED and x.is_cpu:
         if not training:  # the statistics are only read: float32 copies serve
             running_mean, running_var = _float32(running_mean), _float32(running_var)
-        if residual is not None:
-            residual = (cpu_buffers.converted(residual, torch.float32)
-                        if residual.stride() == x.stride() else residual.float())
-        out = batch_norm_act(cpu_buffers.converted(x, torch.float32), _float32(weight),
-                             _float32(bias), residual, running_mean, running_var, training,
-                             momentum, eps, act, negative_slope, memory_efficient)
-        return cpu_buffers.converted(out, x.dtype)
-
-    plan = None
-    if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
+        weight, bias = _float32(weight), _float32(bias)
+        if not torch.compiler.is_compiling() and (residual is None
+                                                  or residual.dtype == x.dtype):
+            plan = cpu_act.plan_for(x, weight, bias, residual,
+                                    None if training else running_mean,
+                                    None if training else running_var, act, torch.float32)
+        if plan is None:
+            return _widened_batch_norm_act(x, weight, bias, residual, running_mean,
+                                           running_var, training, momentum, eps, act,
+                                           negative_slope, memory_efficient)
+    elif not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
         plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean,
                                 None if training else running_var, act)
     if plan is None:
@@ -503,3 +506,17 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
     if reference.needs_grad(x, weight, bias, residual):
         return cpu_act.apply_batch_norm_act(x, weight, bias, residual, call)
     return cpu_act.fused_forward(x, weight, bias, residual, call)[0]
+
+
+def _widened_batch_norm_act(x, weight, bias, residual, running_mean, running_var, training,
+                            momentum, eps, act, negative_slope, memory_efficient) -> Tensor:
+    """`batch_norm_act` of float16 / bfloat16 x on float32 copies of x and the residual
+    (weight, bias and read statistics already float32), the output rounded back; serves traced
+    calls and those the 16-bit kernels do not cover."""
+    if residual is not None:
+        residual = (cpu_buffers.converted(residual, torch.float32)
+                    if residual.stride() == x.stride() else residual.float())
+    out = batch_norm_act(cpu_buffers.converted(x, torch.float32), weight, bias, residual,
+                         running_mean, running_var, training, momentum, eps, act,
+                         negative_slope, memory_efficient)
+    return cpu_buffers.converted(out, x.dtype)

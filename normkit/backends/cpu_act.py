@@ -1,7 +1,8 @@
 """CPU backend for act(batch_norm(x) + residual): the fused numba kernels and their autograd.
 
-Covers float32/float64 CPU input laid out for the 'mid' (NCHW-like) or 'cols' (channels_last,
-2D) BatchNorm plans, with identity, relu, leaky_relu or silu; anything else runs the
+Covers float32/float64 CPU input (and float16 / bfloat16 input, read and written as its 16 bits
+with float32 parameters) laid out for the 'mid' (NCHW-like) or 'cols' (channels_last, 2D)
+BatchNorm plans, with identity, relu, leaky_relu or silu; anything else runs the
 composition in `normkit._batch_norm_act`. GELU too: numba only has libm's scalar erf, and the
 fused kernel was 1.9-2.7x slower than the composition (whose GELU is torch's vectorized op),
 measured at 32x1024x14x14 and 8x256x28x28. Kept for backward: x, the statistics, and a 1-bit
@@ -35,12 +36,15 @@ def _kernels(numel: int):
 
 
 def plan_for(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-             running_mean: Tensor | None, running_var: Tensor | None, act: str) -> Plan | None:
-    """The BatchNorm plan of x when the fused kernels cover the call, else None."""
+             running_mean: Tensor | None, running_var: Tensor | None, act: str,
+             dtype: torch.dtype | None = None) -> Plan | None:
+    """The BatchNorm plan of x when the fused kernels cover the call, else None; `dtype` as in
+    `cpu._plan` (float32 for float16 / bfloat16 x, whose parameters and statistics then are
+    float32)."""
     if act not in ACT_CODES:
         return None
     dims, shape = batch_layout(x.dim(), x.shape[1])
-    plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape)
+    plan = cpu._plan(x, weight, bias, dims, running_mean, running_var, shape, dtype=dtype)
     if plan is None or plan.kind not in ("mid", "cols"):
         return None
     others = [t for t in (residual, running_mean, running_var) if t is not None]
@@ -90,9 +94,9 @@ def fused_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             bits.data_ptr(), keep, cpu._address(deriv), stats.data_ptr(), cpu._LIKE[x.dtype],
             plan.array_shape, bits_shape)
     if plan.kind == "mid":
-        k.mid_act_forward(*args, group)
+        k.mid_act_forward(*args, group, *cpu._calc_tail(x))
     else:
-        k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M))
+        k.cols_act_forward(*args, cpu._blocks(plan.A, plan.M), *cpu._calc_tail(x))
     if training and running_mean is not None:
         cpu._update_from_stats(running_mean, running_var, stats, x.numel() // x.shape[1],
                                momentum)
@@ -129,7 +133,7 @@ class CpuBatchNormAct(torch.autograd.Function):
         dr = cpu_buffers.empty_like(x) if need_dr else None
         # dL/dz goes to the residual's grad, or else to dx's memory (overwritten in place)
         dz = dr if need_dr else dx if need_dx else cpu_buffers.empty_like(x)
-        dw = torch.empty(plan.M, dtype=x.dtype)
+        dw = torch.empty(plan.M, dtype=torch.float32 if x.dtype in cpu._WIDENED else x.dtype)
         db = torch.empty_like(dw)
         args = (x.data_ptr(), cpu._address(residual), residual is not None, dout.data_ptr(),
                 cpu._address(weight), cpu._address(bias), weight is not None, bias is not None,
@@ -138,9 +142,10 @@ class CpuBatchNormAct(torch.autograd.Function):
                 cpu._address(dx), dw.data_ptr(), db.data_ptr(), cpu._LIKE[x.dtype],
                 plan.array_shape, tuple(bits.shape))
         if plan.kind == "mid":
-            k.mid_act_backward(*args, ctx.group)
+            k.mid_act_backward(*args, ctx.group, *cpu._calc_tail(x))
         else:
-            k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M), cpu._tasks(plan.A))
+            k.cols_act_backward(*args, cpu._blocks(plan.A, plan.M), cpu._tasks(plan.A),
+                                *cpu._calc_tail(x))
         dw = None if weight is None else dw  # (C,): the weight's own shape
         db = None if bias is None else db
         return dx, dw, db, dr, None

@@ -12,8 +12,11 @@ recomputes z from x (and the residual) through a float64 row. The backward write
 data's dtype, then runs BatchNorm's backward on it (`cpu_kernels`).
 Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's
 memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
-statistics) are viewed with extent 1 and indexed modulo their size. Every kernel exists serial
-and parallel, as in `cpu_kernels`.
+statistics) are viewed with extent 1 and indexed modulo their size. float16 / bfloat16 data
+(x, residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits, computed in
+float64 as for float32 data (`calc`, `half` as in `cpu_kernels`; parameters, given statistics
+and weight / bias grads in float32). Every kernel exists serial and parallel, as in
+`cpu_kernels`.
 """
 
 from __future__ import annotations
@@ -35,42 +38,46 @@ from normkit.backends.cpu_kernels import (
     _cols_sums,
     _compile,
     _given_stats,
+    _narrow,
+    _wide,
 )
 from normkit.backends.cpu_math import exp
 
 
 @njit(inline="always", cache=True)
-def _act_views(x, r, has_r, w, b, bits, stats, like, shape, no_r, bits_shape):
-    """The views every fused kernel takes: x, the residual (shape `no_r` when absent), w and b
-    (one per channel, shape[1]), the mask and the float64 statistics."""
+def _act_views(x, r, has_r, w, b, bits, stats, like, shape, no_r, bits_shape, calc):
+    """The views every fused kernel takes: x, the residual (shape `no_r` when absent) in
+    `like`'s dtype, w and b (one per channel, shape[1]) in `calc`'s, the mask and the float64
+    statistics."""
     n_c = shape[1]
-    return (_at(x, like, shape), _at(r, like, shape if has_r else no_r), _at(w, like, (n_c,)),
-            _at(b, like, (n_c,)), _at(bits, np.uint8, bits_shape),
+    return (_at(x, like, shape), _at(r, like, shape if has_r else no_r), _at(w, calc, (n_c,)),
+            _at(b, calc, (n_c,)), _at(bits, np.uint8, bits_shape),
             _at(stats, np.float64, (3, n_c)))
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _z_row(x_row, r_row, has_r, alpha, beta, z):
-    """z = x * alpha + beta (+ r) for one row, into the float64 buffer z."""
+def _z_row(x_row, r_row, has_r, alpha, beta, z, half):
+    """z = x * alpha + beta (+ r) for one row, into the float64 buffer z (`half` as in
+    `cpu_kernels._wide`)."""
     n = z.shape[0]
     if has_r:
         for i in range(n):
-            z[i] = x_row[i] * alpha + beta + r_row[i]
+            z[i] = _wide(x_row[i], half) * alpha + beta + _wide(r_row[i], half)
     else:
         for i in range(n):
-            z[i] = x_row[i] * alpha + beta
+            z[i] = _wide(x_row[i], half) * alpha + beta
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _z_row_cols(x_row, r_row, has_r, alpha, beta, z):
+def _z_row_cols(x_row, r_row, has_r, alpha, beta, z, half):
     """z = x * alpha[c] + beta[c] (+ r) for one channels-last row, into z."""
     n = z.shape[0]
     if has_r:
         for i in range(n):
-            z[i] = x_row[i] * alpha[i] + beta[i] + r_row[i]
+            z[i] = _wide(x_row[i], half) * alpha[i] + beta[i] + _wide(r_row[i], half)
     else:
         for i in range(n):
-            z[i] = x_row[i] * alpha[i] + beta[i]
+            z[i] = _wide(x_row[i], half) * alpha[i] + beta[i]
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -132,165 +139,211 @@ def _relu_family_grad(d, positive, leaky, slope):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _act_row(z, code, slope, out_row, keep, d_row):
+def _act_row(z, code, slope, out_row, keep, d_row, half):
     """out = act(z) for one row of silu (with `keep` also d = act'(z), which the backward then
-    reads instead of recomputing z) or identity."""
+    reads instead of recomputing z) or identity, stored as the data is (`half` as in
+    `cpu_kernels._narrow`)."""
     n = z.shape[0]
     if code == 3:
         for i in range(n):
             e = 1.0 + exp(-z[i])
-            out_row[i] = z[i] / e
+            out_row[i] = _narrow(z[i] / e, half)
             if keep:
-                d_row[i] = _silu_slope(z[i], 1.0 / e)
+                d_row[i] = _narrow(_silu_slope(z[i], 1.0 / e), half)
     else:
         for i in range(n):
-            out_row[i] = z[i]
+            out_row[i] = _narrow(z[i], half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _relu_family_row(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags):
+def _relu_family_row(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags, half):
     """out = relu or leaky_relu of z = x * alpha + beta (+ r) for one row, and its flags."""
     if has_r:
         for i in range(out_row.shape[0]):
-            out_row[i], flags[i] = _relu_family(x_row[i] * alpha + beta + r_row[i], leaky, slope)
+            value, flags[i] = _relu_family(
+                _wide(x_row[i], half) * alpha + beta + _wide(r_row[i], half), leaky, slope)
+            out_row[i] = _narrow(value, half)
     else:
         for i in range(out_row.shape[0]):
-            out_row[i], flags[i] = _relu_family(x_row[i] * alpha + beta, leaky, slope)
+            value, flags[i] = _relu_family(_wide(x_row[i], half) * alpha + beta, leaky, slope)
+            out_row[i] = _narrow(value, half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags):
+def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags,
+                          half):
     """_relu_family_row of a channels-last row: alpha[c], beta[c] per element."""
     if has_r:
         for i in range(out_row.shape[0]):
-            out_row[i], flags[i] = _relu_family(x_row[i] * alpha[i] + beta[i] + r_row[i], leaky,
-                                                slope)
+            value, flags[i] = _relu_family(
+                _wide(x_row[i], half) * alpha[i] + beta[i] + _wide(r_row[i], half), leaky,
+                slope)
+            out_row[i] = _narrow(value, half)
     else:
         for i in range(out_row.shape[0]):
-            out_row[i], flags[i] = _relu_family(x_row[i] * alpha[i] + beta[i], leaky, slope)
+            value, flags[i] = _relu_family(_wide(x_row[i], half) * alpha[i] + beta[i], leaky,
+                                           slope)
+            out_row[i] = _narrow(value, half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _dz_row(dout_row, code, slope, flags, z, kept, d_row, dz_row):
+def _dz_row(dout_row, code, slope, flags, z, kept, d_row, dz_row, half):
     """dz = dL/dz for one row (or run of rows), in the data's dtype (as torch's composition
-    holds it): from the mask's flags (relu family, unpacked by the caller), the kept act'(z)
-    or z (silu), or dout itself (identity)."""
+    holds it; 16-bit data: rounded to its 16 bits): from the mask's flags (relu family,
+    unpacked by the caller), the kept act'(z) or z (silu), or dout itself (identity)."""
     n = dz_row.shape[0]
     if code == 1 or code == 2:
         for i in range(n):
-            dz_row[i] = _relu_family_grad(dout_row[i], flags[i], code == 2, slope)
+            dz_row[i] = _narrow(_relu_family_grad(_wide(dout_row[i], half), flags[i], code == 2,
+                                                  slope), half)
     elif kept:
         for i in range(n):
-            dz_row[i] = np.float64(dout_row[i]) * d_row[i]
+            dz_row[i] = _narrow(_wide(dout_row[i], half) * _wide(d_row[i], half), half)
     elif code == 3:
         for i in range(n):
-            dz_row[i] = dout_row[i] * _silu_slope(z[i], 1.0 / (1.0 + exp(-z[i])))
+            dz_row[i] = _narrow(_wide(dout_row[i], half)
+                                * _silu_slope(z[i], 1.0 / (1.0 + exp(-z[i]))), half)
     else:
         for i in range(n):
             dz_row[i] = dout_row[i]
 
 
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _mid_act_block_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope,
+                           out, bits, keep, deriv, stats, blk, m0, m1, half):
+    """Channels m0..m1-1 (block blk) of mid_act_forward, `half` a constant."""
+    n_a, _, _, n_s = x.shape
+    n_stat = mean.shape[0]
+    if given:
+        for m in range(m0, m1):
+            stats[0, m] = mean[m % n_stat]
+            stats[1, m] = var[m % n_stat]
+            stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+    else:
+        _block_stats(x, m0, m1, eps, stats, half)
+    alpha = np.empty(m1 - m0)
+    beta = np.empty(m1 - m0)
+    for m in range(m0, m1):
+        alpha[m - m0] = stats[2, m] * w[m] if has_w else stats[2, m]
+        beta[m - m0] = (b[m] if has_b else 0.0) - stats[0, m] * alpha[m - m0]
+    z = np.empty(n_s)
+    flags, words = _mask_scratch(bits.shape[2])
+    for a in range(n_a):
+        for m in range(m0, m1):
+            r_row = r[a % r.shape[0], m % r.shape[1], 0]
+            if code == 1 or code == 2:
+                _relu_family_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0],
+                                 code == 2, slope, out[a, m, 0], flags[(m - m0) * n_s:], half)
+            else:
+                _z_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0], z, half)
+                _act_row(z, code, slope, out[a, m, 0], keep,
+                         deriv[a % deriv.shape[0], m % deriv.shape[1], 0], half)
+        if code == 1 or code == 2:
+            _pack_flags(words, bits[a, blk])
+
+
 def mid_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                    bits, keep, deriv, stats, like, shape, bits_shape, group):
+                    bits, keep, deriv, stats, like, shape, bits_shape, group, calc, half):
     """out = act((x - mean) * rstd * w + b + r) per channel m of (A, M, 1, S); stats (3, M).
 
     By blocks of `group` consecutive channels, walked sample by sample (each sample's rows of
     the block are contiguous), as `cpu_kernels.rowwise_forward_train`: the block's statistics
     (four samples' rows per reduction when rows are short), then its outputs, from cache when
-    the block fits."""
+    the block fits. x, r, out and deriv hold `like`'s dtype; w, b and the given mean / var
+    `calc`'s; `half` as in `cpu_kernels.mid_forward_train`."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
-                                         (1, 1, 1, 1), bits_shape)
+                                         (1, 1, 1, 1), bits_shape, calc)
     out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1, 1, 1))
     n_stat = n_m if given else 1
-    mean, var = _at(mean, like, (n_stat,)), _at(var, like, (n_stat,))
+    mean, var = _at(mean, calc, (n_stat,)), _at(var, calc, (n_stat,))
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
-        if given:
-            for m in range(m0, m1):
-                stats[0, m] = mean[m % n_stat]
-                stats[1, m] = var[m % n_stat]
-                stats[2, m] = 1.0 / np.sqrt(np.float64(var[m % n_stat]) + eps)
+        if half is None:
+            _mid_act_block_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code,
+                                   slope, out, bits, keep, deriv, stats, blk, m0, m1, None)
+        elif half:
+            _mid_act_block_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code,
+                                   slope, out, bits, keep, deriv, stats, blk, m0, m1, True)
         else:
-            _block_stats(x, m0, m1, eps, stats, None)
-        alpha = np.empty(m1 - m0)
-        beta = np.empty(m1 - m0)
+            _mid_act_block_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code,
+                                   slope, out, bits, keep, deriv, stats, blk, m0, m1, False)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _mid_act_block_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code,
+                            slope, bits, kept, deriv, dz, need_dx, dx, dw, db, blk, m0, m1,
+                            in_place, half):
+    """Channels m0..m1-1 (block blk) of mid_act_backward, `half` a constant."""
+    n_a, n_m, _, n_s = x.shape
+    dout_runs, dz_runs = dout.reshape(n_a, n_m * n_s), dz.reshape(n_a, n_m * n_s)
+    z = np.empty(n_s)
+    flags, words = _mask_scratch(bits.shape[2])
+    for a in range(n_a):
+        if code == 1 or code == 2:
+            _unpack_flags(bits[a, blk], words)
+            _dz_row(dout_runs[a, m0 * n_s:m1 * n_s], code, slope, flags, z, kept,
+                    deriv[0, 0, 0], dz_runs[a, m0 * n_s:m1 * n_s], half)
+            continue
         for m in range(m0, m1):
-            alpha[m - m0] = stats[2, m] * w[m] if has_w else stats[2, m]
-            beta[m - m0] = (b[m] if has_b else 0.0) - stats[0, m] * alpha[m - m0]
-        z = np.empty(n_s)
-        flags, words = _mask_scratch(bits.shape[2])
-        for a in range(n_a):
-            for m in range(m0, m1):
-                r_row = r[a % r.shape[0], m % r.shape[1], 0]
-                if code == 1 or code == 2:
-                    _relu_family_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0],
-                                     code == 2, slope, out[a, m, 0], flags[(m - m0) * n_s:])
-                else:
-                    _z_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0], z)
-                    _act_row(z, code, slope, out[a, m, 0], keep,
-                             deriv[a % deriv.shape[0], m % deriv.shape[1], 0])
-            if code == 1 or code == 2:
-                _pack_flags(words, bits[a, blk])
+            if code == 3 and not kept:
+                alpha = stats[2, m] * w[m] if has_w else stats[2, m]
+                beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
+                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z,
+                       half)
+            _dz_row(dout[a, m, 0], code, slope, flags, z, kept,
+                    deriv[a % deriv.shape[0], m % deriv.shape[1], 0], dz[a, m, 0], half)
+    if in_place:
+        _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db, half)
+    else:
+        _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db, half)
 
 
 def mid_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                     bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape, group):
+                     bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape, group,
+                     calc, half):
     """Per channel m: dz = dout * act'(z), written to `dz` (the residual's grad when it needs
     one; dx's memory, overwritten in place, when only x needs one); dw[m] = Σ dz·xhat,
     db[m] = Σ dz; (need_dx) dx as BatchNorm's backward with dy = dz.
 
     By blocks of `group` channels walked sample by sample (see mid_act_forward): the block's
-    dz rows, then its sums and its dx from cache (`cpu_kernels._block_backward`)."""
+    dz rows, then its sums and its dx from cache (`cpu_kernels._block_backward`). x, r, dout,
+    dz, dx and deriv hold `like`'s dtype, w, b, dw and db `calc`'s."""
     n_a, n_m, _, n_s = shape
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape,
-                                         (1, 1, 1, 1), bits_shape)
+                                         (1, 1, 1, 1), bits_shape, calc)
     in_place = dz == dx  # dx overwrites dz: the loops then read and write one array
     dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
     deriv = _at(deriv, like, shape if kept else (1, 1, 1, 1))
-    dw, db = _at(dw, like, (n_m,)), _at(db, like, (n_m,))
-    dout_runs, dz_runs = dout.reshape(n_a, n_m * n_s), dz.reshape(n_a, n_m * n_s)
+    dw, db = _at(dw, calc, (n_m,)), _at(db, calc, (n_m,))
     for blk in prange((n_m + group - 1) // group):
         m0 = blk * group
         m1 = min(n_m, m0 + group)
-        z = np.empty(n_s)
-        flags, words = _mask_scratch(bits.shape[2])
-        for a in range(n_a):
-            if code == 1 or code == 2:
-                _unpack_flags(bits[a, blk], words)
-                _dz_row(dout_runs[a, m0 * n_s:m1 * n_s], code, slope, flags, z, kept,
-                        deriv[0, 0, 0], dz_runs[a, m0 * n_s:m1 * n_s])
-                continue
-            for m in range(m0, m1):
-                if code == 3 and not kept:
-                    alpha = stats[2, m] * w[m] if has_w else stats[2, m]
-                    beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
-                    _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha,
-                           beta, z)
-                _dz_row(dout[a, m, 0], code, slope, flags, z, kept,
-                        deriv[a % deriv.shape[0], m % deriv.shape[1], 0], dz[a, m, 0])
-        if in_place:
-            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dz, dw, db,
-                            None)
+        if half is None:
+            _mid_act_block_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
+                                    code, slope, bits, kept, deriv, dz, need_dx, dx, dw, db,
+                                    blk, m0, m1, in_place, None)
+        elif half:
+            _mid_act_block_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
+                                    code, slope, bits, kept, deriv, dz, need_dx, dx, dw, db,
+                                    blk, m0, m1, in_place, True)
         else:
-            _block_backward(x, dz, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw, db,
-                            None)
+            _mid_act_block_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
+                                    code, slope, bits, kept, deriv, dz, need_dx, dx, dw, db,
+                                    blk, m0, m1, in_place, False)
 
 
-def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
-                     bits, keep, deriv, stats, like, shape, bits_shape, n_blocks):
-    """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row."""
-    n_r, n_c = shape
-    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
-                                         bits_shape)
-    out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1))
-    mean, var = _at(mean, like, (n_c,)), _at(var, like, (n_c,))
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
+                      bits, keep, deriv, stats, n_blocks, half):
+    """cols_act_forward on its arrays, `half` a constant."""
+    n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
     if given:
         _given_stats(mean, var, eps, stats)
     else:
-        _cols_batch_stats(x, eps, stats, n_blocks, None)
+        _cols_batch_stats(x, eps, stats, n_blocks, half)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
@@ -301,26 +354,39 @@ def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, cod
             r_row = r[row % r.shape[0]]
             if code == 1 or code == 2:
                 _relu_family_row_cols(x[row], r_row, has_r, alpha, beta, code == 2, slope,
-                                      out[row], flags)
+                                      out[row], flags, half)
                 _pack_flags(words, bits[0, row])
             else:
-                _z_row_cols(x[row], r_row, has_r, alpha, beta, z)
-                _act_row(z, code, slope, out[row], keep, deriv[row % deriv.shape[0]])
+                _z_row_cols(x[row], r_row, has_r, alpha, beta, z, half)
+                _act_row(z, code, slope, out[row], keep, deriv[row % deriv.shape[0]], half)
 
 
-def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
-                      bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape,
-                      n_blocks, n_tasks):
-    """Column-wise backward of the fused op (see mid_act_backward): each block of rows writes
-    its dz rows and sums them while they are in cache, four rows at a time; then dx as
-    `cpu_kernels.cols_backward` with dy = dz."""
-    n_r, n_c = shape
+def cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope, out,
+                     bits, keep, deriv, stats, like, shape, bits_shape, n_blocks, calc, half):
+    """out = act(x * alpha[c] + beta[c] + r) for (R, C); bits packed along c per row (dtypes
+    as in mid_act_forward)."""
+    n_c = shape[1]
     x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
-                                         bits_shape)
-    in_place = dz == dx  # dx overwrites dz: the loops then read and write one array
-    dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
-    deriv = _at(deriv, like, shape if kept else (1, 1))
-    dw, db = _at(dw, like, (n_c,)), _at(db, like, (n_c,))
+                                         bits_shape, calc)
+    out, deriv = _at(out, like, shape), _at(deriv, like, shape if keep else (1, 1))
+    mean, var = _at(mean, calc, (n_c,)), _at(var, calc, (n_c,))
+    if half is None:
+        _cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope,
+                          out, bits, keep, deriv, stats, n_blocks, None)
+    elif half:
+        _cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope,
+                          out, bits, keep, deriv, stats, n_blocks, True)
+    else:
+        _cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, code, slope,
+                          out, bits, keep, deriv, stats, n_blocks, False)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
+                       bits, kept, deriv, dz, need_dx, dx, dw, db, n_blocks, n_tasks, in_place,
+                       half):
+    """cols_act_backward on its arrays, `half` a constant."""
+    n_r, n_c = x.shape
     per_block = (n_r + n_blocks - 1) // n_blocks
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
@@ -337,11 +403,12 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
             last = min(end, row + 4)
             for i in range(row, last):
                 if code == 3 and not kept:
-                    _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, z)
+                    _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, z, half)
                 if code == 1 or code == 2:
                     _unpack_flags(bits[0, i], words)
-                _dz_row(dout[i], code, slope, flags, z, kept, deriv[i % deriv.shape[0]], dz[i])
-            _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True, None)
+                _dz_row(dout[i], code, slope, flags, z, kept, deriv[i % deriv.shape[0]], dz[i],
+                        half)
+            _cols_sums(x, dz, row, last, mean, s1_part[blk], s2_part[blk], True, half)
             row = last
     p = np.empty(n_c)
     q = np.empty(n_c)
@@ -349,9 +416,36 @@ def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats,
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q,
                             zc)
     if need_dx and in_place:
-        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks, None)
+        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks, half)
     elif need_dx:
-        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks, None)
+        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks, half)
+
+
+def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,
+                      bits, kept, deriv, dz, need_dx, dx, dw, db, like, shape, bits_shape,
+                      n_blocks, n_tasks, calc, half):
+    """Column-wise backward of the fused op (see mid_act_backward): each block of rows writes
+    its dz rows and sums them while they are in cache, four rows at a time; then dx as
+    `cpu_kernels.cols_backward` with dy = dz (dtypes as in mid_act_backward)."""
+    n_c = shape[1]
+    x, r, w, b, bits, stats = _act_views(x, r, has_r, w, b, bits, stats, like, shape, (1, 1),
+                                         bits_shape, calc)
+    in_place = dz == dx  # dx overwrites dz: the loops then read and write one array
+    dout, dz, dx = _at(dout, like, shape), _at(dz, like, shape), _at(dx, like, shape)
+    deriv = _at(deriv, like, shape if kept else (1, 1))
+    dw, db = _at(dw, calc, (n_c,)), _at(db, calc, (n_c,))
+    if half is None:
+        _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code,
+                           slope, bits, kept, deriv, dz, need_dx, dx, dw, db, n_blocks, n_tasks,
+                           in_place, None)
+    elif half:
+        _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code,
+                           slope, bits, kept, deriv, dz, need_dx, dx, dw, db, n_blocks, n_tasks,
+                           in_place, True)
+    else:
+        _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code,
+                           slope, bits, kept, deriv, dz, need_dx, dx, dw, db, n_blocks, n_tasks,
+                           in_place, False)
 
 
 _KERNELS = {fn.__name__: fn for fn in (mid_act_forward, mid_act_backward, cols_act_forward,
