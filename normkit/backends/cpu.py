@@ -480,23 +480,20 @@ def batch_norm_act(x, weight, bias, residual, running_mean, running_var, trainin
     the kernels cannot, as `normalize` does)."""
     from normkit.backends import cpu_act
 
-    plan = None
-    if x.dtype in _WIDENED and x.is_cpu:
+    sixteen_bit = x.dtype in _WIDENED and x.is_cpu
+    if sixteen_bit:
         if not training:  # the statistics are only read: float32 copies serve
             running_mean, running_var = _float32(running_mean), _float32(running_var)
         weight, bias = _float32(weight), _float32(bias)
-        if not torch.compiler.is_compiling() and (residual is None
-                                                  or residual.dtype == x.dtype):
-            plan = cpu_act.plan_for(x, weight, bias, residual,
-                                    None if training else running_mean,
-                                    None if training else running_var, act, torch.float32)
-        if plan is None:
-            return _widened_batch_norm_act(x, weight, bias, residual, running_mean,
-                                           running_var, training, momentum, eps, act,
-                                           negative_slope, memory_efficient)
-    elif not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
+    plan = None
+    if not torch.compiler.is_compiling():  # the fused kernels have no custom op (yet)
         plan = cpu_act.plan_for(x, weight, bias, residual, None if training else running_mean,
-                                None if training else running_var, act)
+                                None if training else running_var, act,
+                                torch.float32 if sixteen_bit else None)
+    if plan is None and sixteen_bit:
+        return _widened_batch_norm_act(x, weight, bias, residual, running_mean, running_var,
+                                       training, momentum, eps, act, negative_slope,
+                                       memory_efficient)
     if plan is None:
         return reference.batch_norm_act(x, weight, bias, residual, running_mean, running_var,
                                         training, momentum, eps, act, negative_slope,
