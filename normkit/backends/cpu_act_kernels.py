@@ -14,8 +14,8 @@ Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: 
 memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
 statistics) are viewed with extent 1 and indexed modulo their size. float16 / bfloat16 data
 (x, residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits, computed in
-float64 as for float32 data (`calc`, `half` as in `cpu_kernels`; parameters, given statistics
-and weight / bias grads in float32). Every kernel exists serial and parallel, as in
+float64 as for float32 data but for BatchNorm's dx pass, float32 as in `cpu_kernels` (`calc`,
+`half` as there; parameters, given statistics and weight / bias grads in float32). Every kernel exists serial and parallel, as in
 `cpu_kernels`.
 """
 
@@ -416,9 +416,9 @@ def _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q,
                             zc)
     if need_dx and in_place:
-        _cols_elementwise(x, dz, True, p, q, zc, dz, n_tasks, half)
+        _cols_elementwise(x, dz, True, p, q, zc, mean, dz, n_tasks, half)
     elif need_dx:
-        _cols_elementwise(x, dz, True, p, q, zc, dx, n_tasks, half)
+        _cols_elementwise(x, dz, True, p, q, zc, mean, dx, n_tasks, half)
 
 
 def cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats, code, slope,

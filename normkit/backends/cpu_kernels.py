@@ -20,7 +20,8 @@ where waking the thread pool costs more than the work). Kernels take tensors by 
 (`Tensor.data_ptr()`, memory laid out as the plan says) with a zero-size array `like` of the
 data's dtype and the plan's sizes: turning a tensor into a numpy array costs microseconds,
 which small inputs notice. The kernels also read and write float16 / bfloat16 data (as uint16,
-converted by `cpu_half`), computing as for float32 data and rounding each result to 16 bits:
+converted by `cpu_half`): statistics and sums in float64 as for float32 data, the elementwise
+passes (y, dx) in float32 around the mean (`_centered`), each result rounded to 16 bits:
 `like` is then a uint16 array, `calc` float32 and `half` says the format (True float16, False
 bfloat16, None for float32 / float64 data). Parameters, given statistics and weight / bias
 gradients have `calc`'s dtype (the data's own, or float32 for 16-bit data). Each kernel calls
@@ -102,6 +103,50 @@ def _narrow(value, half):
     if half is None:
         return value
     return cpu_half.store(np.float32(value), half)
+
+
+# The elementwise passes compute 16-bit data in float32, centered (`_centered`): in float64 with
+# 16-bit storage, the conversions ran 4 lanes wide (bfloat16 y = x * alpha + beta from L1:
+# 0.46 ns per element in float64, 0.20 in float32; float16 0.30 and 0.08).
+@njit(cache=True)
+def _centered(alpha, beta, center, half):
+    """(a, b, c) with x * alpha + beta = (x - c) * a + b, for `_shifted`: alpha, beta, 0 for
+    float32 / float64 data (computed in float64); for 16-bit data float32, c the float32
+    rounding of `center` (the mean of the values) and b corrected for that rounding, so values
+    near the mean keep their digits (no cancellation of x * alpha against beta)."""
+    if half is None:
+        return alpha, beta, 0.0
+    c = np.float32(center)
+    return np.float32(alpha), np.float32(beta + np.float64(c) * alpha), c
+
+
+@njit(cache=True)
+def _centered_grad(p, q, z, center, half):
+    """(p, q, z, c) with g * p + x * q + z = g * p + (x - c) * q + z' for `_grad_affine`, as
+    `_centered` does for x * alpha + beta."""
+    if half is None:
+        return p, q, z, 0.0
+    c = np.float32(center)
+    return np.float32(p), np.float32(q), np.float32(z + np.float64(c) * q), c
+
+
+@njit(cache=True)
+def _shifted(x, c, a, b, half):
+    """(x - c) * a + b for a stored x, as the data's dtype stores it (coefficients from
+    `_centered`; c is not read for float32 / float64 data)."""
+    if half is None:
+        return np.float64(x) * a + b
+    return cpu_half.store((cpu_half.load(x, half) - c) * a + b, half)
+
+
+@njit(cache=True)
+def _grad_affine(g, x, p, q, z, c, half):
+    """g * p + (x - c) * q + z for stored g and x, as the data's dtype stores it (coefficients
+    from `_centered_grad`)."""
+    if half is None:
+        return np.float64(g) * p + np.float64(x) * q + z
+    return cpu_half.store(cpu_half.load(g, half) * p + (cpu_half.load(x, half) - c) * q + z,
+                          half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -209,12 +254,14 @@ PAIR_ROWS_COLUMNS = 2048
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks, half):
+def _cols_elementwise(x, g, use_g, p, q, z, center, out, n_tasks, half):
     """out[r, c] = g[r, c] * p[c] + x[r, c] * q[c] + z[c] (dx), or without the g term
     (use_g False: y = x * alpha + beta with q = alpha, z = beta), over `n_tasks` ranges of
     rows in parallel; two rows per coefficient load from PAIR_ROWS_COLUMNS columns (`half` as
-    in `_wide` / `_narrow`)."""
+    in `_wide` / `_narrow`; 16-bit data in float32 around `center[c]`, the column means, see
+    `_centered`)."""
     n_r, n_c = x.shape
+    p, q, z, center = _centered_columns(p, q, z, center, half)
     per_task = (n_r + n_tasks - 1) // n_tasks
     step = 2 if n_c >= PAIR_ROWS_COLUMNS else 1
     for task in prange(n_tasks):
@@ -226,25 +273,40 @@ def _cols_elementwise(x, g, use_g, p, q, z, out, n_tasks, half):
                 for c in range(n_c):
                     qc = q[c]
                     zc = z[c]
+                    cc = center[c]
                     if use_g:
                         pc = p[c]
-                        o0[c] = _narrow(_wide(g0[c], half) * pc + _wide(x0[c], half) * qc + zc,
-                                        half)
-                        o1[c] = _narrow(_wide(g1[c], half) * pc + _wide(x1[c], half) * qc + zc,
-                                        half)
+                        o0[c] = _grad_affine(g0[c], x0[c], pc, qc, zc, cc, half)
+                        o1[c] = _grad_affine(g1[c], x1[c], pc, qc, zc, cc, half)
                     else:
-                        o0[c] = _narrow(_wide(x0[c], half) * qc + zc, half)
-                        o1[c] = _narrow(_wide(x1[c], half) * qc + zc, half)
+                        o0[c] = _shifted(x0[c], cc, qc, zc, half)
+                        o1[c] = _shifted(x1[c], cc, qc, zc, half)
                 r += 2
             else:
                 xr, gr, orow = x[r], g[r], out[r]
                 for c in range(n_c):
                     if use_g:
-                        orow[c] = _narrow(_wide(gr[c], half) * p[c] + _wide(xr[c], half) * q[c]
-                                          + z[c], half)
+                        orow[c] = _grad_affine(gr[c], xr[c], p[c], q[c], z[c], center[c], half)
                     else:
-                        orow[c] = _narrow(_wide(xr[c], half) * q[c] + z[c], half)
+                        orow[c] = _shifted(xr[c], center[c], q[c], z[c], half)
                 r += 1
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _centered_columns(p, q, z, center, half):
+    """Per-column (p, q, z, c) of `_grad_affine` (`_shifted`: q, z, c) from float64 p, q, z:
+    the arrays themselves (c unread) for float32 / float64 data, else `_centered_grad`'s
+    float32 values around center[c]."""
+    n_c = p.shape[0]
+    if half is None:
+        return p, q, z, z
+    p32 = np.empty(n_c, np.float32)
+    q32 = np.empty(n_c, np.float32)
+    z32 = np.empty(n_c, np.float32)
+    c32 = np.empty(n_c, np.float32)
+    for c in range(n_c):
+        p32[c], q32[c], z32[c], c32[c] = _centered_grad(p[c], q[c], z[c], center[c], half)
+    return p32, q32, z32, c32
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -301,9 +363,9 @@ def _mid_item_forward(x, y, w, b, has_w, has_b, eps, stats, m, n_w, half):
     for a in range(n_a):
         for j in range(n_j):
             alpha = rstd * w[k, j] if has_w else rstd
-            beta = (b[k, j] if has_b else 0.0) - mean * alpha
+            al, be, c = _centered(alpha, (b[k, j] if has_b else 0.0) - mean * alpha, mean, half)
             for s in range(n_s):
-                y[a, m, j, s] = _narrow(_wide(x[a, m, j, s], half) * alpha + beta, half)
+                y[a, m, j, s] = _shifted(x[a, m, j, s], c, al, be, half)
 
 
 def mid_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w, calc, half):
@@ -374,11 +436,12 @@ def _item_quad_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, n_w, half):
     for m in range(m0, m1):
         k = m % n_w
         alpha = stats[2, m] * w[k] if has_w else stats[2, m]
-        beta = (b[k] if has_b else 0.0) - stats[0, m] * alpha
+        al, be, c = _centered(alpha, (b[k] if has_b else 0.0) - stats[0, m] * alpha,
+                              stats[0, m], half)
         xr = x[m]
         yr = y[m]
         for s in range(n_s):
-            yr[s] = _narrow(_wide(xr[s], half) * alpha + beta, half)
+            yr[s] = _shifted(xr[s], c, al, be, half)
 
 
 def items_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_w, calc, half):
@@ -541,10 +604,11 @@ def _block_forward(x, y, w, b, has_w, has_b, eps, stats, m0, m1, half):
     for a in range(x.shape[0]):
         for m in range(m0, m1):
             alpha = stats[2, m] * w[m, 0] if has_w else stats[2, m]
-            beta = (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha
+            al, be, c = _centered(alpha, (b[m, 0] if has_b else 0.0) - stats[0, m] * alpha,
+                                  stats[0, m], half)
             x_row, y_row = x[a, m, 0], y[a, m, 0]
             for s in range(x.shape[3]):
-                y_row[s] = _narrow(_wide(x_row[s], half) * alpha + beta, half)
+                y_row[s] = _shifted(x_row[s], c, al, be, half)
 
 
 def rowwise_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, group, calc, half):
@@ -604,10 +668,10 @@ def _block_backward(x, dy, w, has_w, stats, batch_stats, m0, m1, need_dx, dx, dw
         for a in range(x.shape[0]):
             for m in range(m0, m1):
                 i = m - m0
+                pi, qi, zi, c = _centered_grad(p[i], q[i], z[i], stats[0, m], half)
                 x_row, dy_row, dx_row = x[a, m, 0], dy[a, m, 0], dx[a, m, 0]
                 for s in range(x.shape[3]):
-                    dx_row[s] = _narrow(_wide(dy_row[s], half) * p[i]
-                                        + _wide(x_row[s], half) * q[i] + z[i], half)
+                    dx_row[s] = _grad_affine(dy_row[s], x_row[s], pi, qi, zi, c, half)
 
 
 def rowwise_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
@@ -666,10 +730,10 @@ def _mid_item_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw_part
         z = -r * c_mean - q * mu
         for a in range(n_a):
             for j in range(n_j):
-                p = r * w[k, j] if has_w else r
+                pj, qj, zj, c = _centered_grad(r * w[k, j] if has_w else r, q, z, mu, half)
                 for s in range(n_s):
-                    dx[a, m, j, s] = _narrow(_wide(dy[a, m, j, s], half) * p
-                                             + _wide(x[a, m, j, s], half) * q + z, half)
+                    dx[a, m, j, s] = _grad_affine(dy[a, m, j, s], x[a, m, j, s], pj, qj, zj, c,
+                                                  half)
 
 
 def mid_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape, n_w,
@@ -724,16 +788,43 @@ def _sum_groups(part, n_w, out):
 
 
 
+@njit(cache=True)
+def _calc(value, half):
+    """A float64 coefficient in the elementwise passes' dtype: float64, float32 for 16-bit
+    data (see `_centered`)."""
+    if half is None:
+        return value
+    return np.float32(value)
+
+
+@njit(cache=True)
+def _row_center(mean, rstd, half):
+    """(mean, low, rstd) of a row for `_row_diff`: as they are (low 0) for float32 / float64
+    data; for 16-bit data float32, the mean split into its float32 rounding and the rest."""
+    if half is None:
+        return mean, 0.0, rstd
+    high = np.float32(mean)
+    return high, np.float32(mean - np.float64(high)), np.float32(rstd)
+
+
+@njit(cache=True)
+def _row_diff(x, mean, low, half):
+    """x - mean for a stored x: in float64 for float32 / float64 data; for 16-bit data in
+    float32, as (x - high) - low, which keeps the digits of values near the mean."""
+    if half is None:
+        return np.float64(x) - mean
+    return (cpu_half.load(x, half) - mean) - low
+
+
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_row(x, y, w, b, has_w, has_b, eps, stats, r, half):
     """Row r of rows_forward_train: its statistics, then y = (x - mean) * rstd * w + b."""
     _run_stats(x, eps, stats, r, half)
-    mean = stats[0, r]
-    rstd = stats[2, r]
+    mean, low, rstd = _row_center(stats[0, r], stats[2, r], half)
     for k in range(x.shape[0]):
         wk = w[k] if has_w else 1.0
         bk = b[k] if has_b else 0.0
-        y[k] = _narrow((_wide(x[k], half) - mean) * (rstd * wk) + bk, half)
+        y[k] = _narrow(_row_diff(x[k], mean, low, half) * (rstd * wk) + bk, half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -754,10 +845,12 @@ def _backward_row(x, dy, dx, w, has_w, mu, rs, need_dx, dwb, dbb, half):
     if need_dx:
         c_mean = sum_g / n_k
         c_x = sum_gx / n_k
+        mean, low, rstd = _row_center(mu, rs, half)
+        c_mean, c_x = _calc(c_mean, half), _calc(c_x, half)
         for k in range(n_k):
-            xh = (_wide(x[k], half) - mu) * rs
-            g = _data(dy[k], half) * w[k] if has_w else _wide(dy[k], half)
-            dx[k] = _narrow((g - c_mean - xh * c_x) * rs, half)
+            g = _data(dy[k], half) * w[k] if has_w else _data(dy[k], half)
+            xh = _row_diff(x[k], mean, low, half) * rstd
+            dx[k] = _narrow((g - c_mean - xh * c_x) * rstd, half)
 
 
 def rows_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, half):
@@ -815,7 +908,7 @@ def _cols_forward(x, w, b, has_w, has_b, eps, y, stats, n_blocks, n_tasks, half)
     alpha = np.empty(x.shape[1])
     beta = np.empty(x.shape[1])
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
-    _cols_elementwise(x, x, False, alpha, alpha, beta, y, n_tasks, half)
+    _cols_elementwise(x, x, False, alpha, alpha, beta, stats[0], y, n_tasks, half)
 
 
 def cols_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, n_blocks, n_tasks,
@@ -880,7 +973,7 @@ def _cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, n_b
     z = np.empty(n_c)
     _cols_grad_coefficients(s1_part, s2_part, stats, w, has_w, batch_stats, n_r, dw, db, p, q, z)
     if need_dx:
-        _cols_elementwise(x, dy, True, p, q, z, dx, n_tasks, half)
+        _cols_elementwise(x, dy, True, p, q, z, mean, dx, n_tasks, half)
 
 
 def cols_backward(x, dy, w, has_w, stats, batch_stats, need_dx, dx, dw, db, like, shape,
@@ -917,6 +1010,7 @@ def _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, half):
     _cols_sums(xs, xs, 0, n_s, shift, s1, s2, False, half)
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
+    mean_c = np.empty(n_c)
     for g in range(n_g):
         m = n * n_g + g
         g1 = 0.0
@@ -927,12 +1021,14 @@ def _nsc_sample_forward(xs, ys, w, b, has_w, has_b, eps, stats, n, half):
         _finish(g1, g2, shift[g * n_cg], count, eps, stats, m)
         for cg in range(n_cg):
             c = g * n_cg + cg
+            mean_c[c] = stats[0, m]
             alpha[c] = stats[2, m] * w[g, cg] if has_w else stats[2, m]
             beta[c] = (b[g, cg] if has_b else 0.0) - stats[0, m] * alpha[c]
+    _, alpha, beta, center = _centered_columns(alpha, alpha, beta, mean_c, half)
     for s in range(n_s):
         x_row, y_row = xs[s], ys[s]
         for c in range(n_c):
-            y_row[c] = _narrow(_wide(x_row[c], half) * alpha[c] + beta[c], half)
+            y_row[c] = _shifted(x_row[c], center[c], alpha[c], beta[c], half)
 
 
 def nsc_forward_train(x, w, b, has_w, has_b, eps, y, stats, like, shape, calc, half):
@@ -991,11 +1087,11 @@ def _nsc_sample_backward(xs, dys, dxs, w, has_w, stats, need_dx, dw_part, db_par
             q[c] = -r * r * sum_gx / count
             z[c] = -r * sum_g / count - q[c] * stats[0, m]
     if need_dx:
+        p, q, z, center = _centered_columns(p, q, z, mean_c, half)
         for s in range(n_s):
             x_row, dy_row, dx_row = xs[s], dys[s], dxs[s]
             for c in range(n_c):
-                dx_row[c] = _narrow(_wide(dy_row[c], half) * p[c] + _wide(x_row[c], half) * q[c]
-                                    + z[c], half)
+                dx_row[c] = _grad_affine(dy_row[c], x_row[c], p[c], q[c], z[c], center[c], half)
 
 
 def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, calc, half):
