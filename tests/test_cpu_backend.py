@@ -644,11 +644,11 @@ NEAR_A_LARGE_MEAN = {  # each elementwise pass (mid, rows-wise, items, cols, nsc
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", list(NEAR_A_LARGE_MEAN))
 def test_low_precision_keeps_the_digits_near_a_large_mean(dtype, case):
-    """16-bit x of 1000 with a few 1004 (the items of sample 0 and BatchNorm's channel 0
-    constant, the others' variance far below their mean's square): the float32 elementwise passes, centered at the mean, give torch's
-    float64 result rounded to the dtype (within one unit). Computed as x * alpha + beta in
-    float32, the constant items' y would be off by about 1000 * alpha * 2^-24 (alpha up to
-    1 / sqrt(eps) = 316 here), a hundred units of a bias-sized y."""
+    """16-bit x of 1000 with a few 1004 (the items of sample 0 and BatchNorm's channel 0 constant,
+    the others' variance far below their mean's square): the float32 elementwise passes, centered at
+    the mean, give torch's float64 result rounded to the dtype (within one unit). Computed as x *
+    alpha + beta in float32, the constant items' y would be off by about 1000 * alpha * 2^-24 (alpha
+    up to 1 / sqrt(eps) = 316 here), a hundred units of a bias-sized y."""
     make, shape, *memory_format = NEAR_A_LARGE_MEAN[case]
     gen = torch.Generator().manual_seed(4)
     x = 1000 + 4 * (torch.rand(shape, generator=gen) < 1 / 64).double()
@@ -709,15 +709,15 @@ def test_no_grad_statistics_scratch_is_per_thread():
                                                   ("silu", False), ("silu", True)])
 def test_low_precision_fused_kernels_read_16_bits(monkeypatch, dtype, layout, act,
                                                   memory_efficient):
-    """BatchNormAct2d on float16 / bfloat16 x and residual runs the fused kernels on their own
-    16 bits (a float32 copy would fail), in training and then in eval: the output and the
-    running statistics are the float32 path's, rounded. dL/dz is held in x's dtype, as torch's
-    composition holds it: identity and relu make it exact in 16 bits, so every grad is the
-    float32 path's rounded too (dx within one unit: BatchNorm's 16-bit dx pass computes in
-    float32, see assert_rounded_within_one_unit); leaky_relu and silu (and silu's kept act'(z)) round it, so
-    their grads stay within two units of x's dtype (of the largest grad) of the float32
-    path's, but for the residual grad of leaky_relu and of memory-efficient silu (dL/dz
-    itself, rounded once either way)."""
+    """BatchNormAct2d on float16 / bfloat16 x and residual runs the fused kernels on their own 16
+    bits (a float32 copy would fail), in training and then in eval: the output and the running
+    statistics are the float32 path's, rounded. dL/dz is held in x's dtype, as torch's composition
+    holds it: identity and relu make it exact in 16 bits, so every grad is the float32 path's
+    rounded too (dx within one unit: BatchNorm's 16-bit dx pass computes in float32, see
+    assert_rounded_within_one_unit); leaky_relu and silu (and silu's kept act'(z)) round it, so
+    their grads stay within two units of x's dtype (of the largest grad) of the float32 path's, but
+    for the residual grad of leaky_relu and of memory-efficient silu (dL/dz itself, rounded once
+    either way)."""
     gen = torch.Generator().manual_seed(3)
     shape = (5, 6, 7, 9)
     x0, r0, dy = ((torch.randn(shape, generator=gen) * s + s).to(dtype, memory_format=layout)

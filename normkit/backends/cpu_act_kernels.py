@@ -12,12 +12,11 @@ recomputes z from x (and the residual) through a float64 row. The backward write
 data's dtype, then runs BatchNorm's backward on it (`cpu_kernels`).
 Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's
 memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
-statistics) are viewed with extent 1 and indexed modulo their size. float16 / bfloat16 data
-(x, residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits, computed in
-float64 as for float32 data but for BatchNorm's dx pass, float32 as in `cpu_kernels` (`calc`,
-`half` as there; parameters, given statistics and weight / bias grads in float32). Every kernel exists serial and parallel, as in
-`cpu_kernels`.
-"""
+statistics) are viewed with extent 1 and indexed modulo their size. float16 / bfloat16 data (x,
+residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits, computed in float64 as for
+float32 data but for BatchNorm's dx pass, float32 as in `cpu_kernels` (`calc`, `half` as there;
+parameters, given statistics and weight / bias grads in float32). Every kernel exists serial and
+parallel, as in `cpu_kernels`."""
 
 from __future__ import annotations
 
