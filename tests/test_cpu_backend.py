@@ -12,6 +12,8 @@ from normkit.backends import backend_for, cpu, cpu_kernels, reference
 from normkit.backends import plan as plan_module
 from normkit.backends.plan import plan_for
 
+from sixteen_bit import assert_rounded_within_one_unit
+
 
 def _kernel_ran(y: torch.Tensor) -> bool:
     """Whether the numba Function is among the last few nodes of y's autograd graph."""
@@ -84,24 +86,6 @@ def test_auto_backend_is_cpu_for_float_cpu_tensors():
         assert backend_for(torch.randn(2, 3)) is reference
     y = normkit.BatchNorm2d(3)(torch.randn(4, 3, 2, 2))
     assert _kernel_ran(y)
-
-
-def _ordered(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats as integers in their order: neighbouring values differ by 1 (0 and -0
-    are both 0)."""
-    bits = t.view(torch.int16).int()
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
-def assert_rounded_within_one_unit(got: torch.Tensor, want: torch.Tensor) -> None:
-    """16-bit `got` is float32 `want` rounded to got's dtype, but for rare elements one unit
-    away. The kernels' 16-bit elementwise passes compute in float32 (from the same float64
-    statistics as the float32 kernels, which compute them in float64), so where the value lies
-    within float32's error of a rounding boundary of the 16-bit format it can round the other
-    way: expected for about 2^-16 (bfloat16) to 2^-13 (float16) of the elements, 1 % allowed."""
-    steps = (_ordered(got) - _ordered(want.to(got.dtype))).abs()
-    assert steps.max() <= 1, f"{steps.max()} units apart"
-    assert (steps > 0).sum() <= got.numel() // 100, f"{(steps > 0).sum()} of {got.numel()} differ"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

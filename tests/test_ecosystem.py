@@ -8,6 +8,8 @@ import torch.nn as tnn
 
 import normkit
 
+from sixteen_bit import assert_rounded_within_one_unit
+
 
 class ResBlock(tnn.Module):
     def __init__(self, lib, c=8):
@@ -102,18 +104,26 @@ def test_compile_fullgraph_matches_torch(name, train, backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_compile_low_precision_cpu(dtype):
     """float16 / bfloat16 CPU input (large enough for the eager path's pooled float32 copies)
-    compiles with fullgraph=True and matches eager normkit."""
+    compiles with fullgraph=True and matches eager normkit: the traced graph runs the float32
+    kernels on a float32 copy, eager the 16-bit kernels, whose elementwise passes compute in
+    float32, so y and dx agree within one unit of the dtype; the weight grad and the running
+    statistics (float64 sums of the same values in both) bit for bit. The loss weighs y by
+    fixed random values: the gradient of mean(y ** 2) through BatchNorm is zero but for
+    rounding noise, which no two computations share."""
     x = torch.randn(4, 8, 256, 256).to(dtype)
+    weights = torch.randn(x.shape)
     results = []
     for compiled in (False, True):
         m = normkit.BatchNorm2d(8).to(dtype)
         fn = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
         xi = x.clone().requires_grad_()
         y = fn(xi)
-        y.float().square().mean().backward()
+        (y.float() * weights).sum().backward()
         results.append((y, xi.grad, m.weight.grad, m.running_var))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (y, dx, dw, var), (y_c, dx_c, dw_c, var_c) = results
+    assert_rounded_within_one_unit(y, y_c.float())
+    assert_rounded_within_one_unit(dx, dx_c.float())
+    assert torch.equal(dw, dw_c) and torch.equal(var, var_c)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
