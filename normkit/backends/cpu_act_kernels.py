@@ -13,9 +13,10 @@ data's dtype, then runs BatchNorm's backward on it (`cpu_kernels`).
 Tensors come by address as in `cpu_kernels` (`like`: the data's dtype; `shape`: the plan's
 memory shape; the mask is uint8 of `bits_shape`); unused ones (no residual, no mask, no given
 statistics) are viewed with extent 1 and indexed modulo their size. float16 / bfloat16 data (x,
-residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits, computed in float64 as for
-float32 data but for BatchNorm's dx pass, float32 as in `cpu_kernels` (`calc`, `half` as there;
-parameters, given statistics and weight / bias grads in float32). Every kernel exists serial and
+residual, out, dout, dz, dx, act'(z)) is read and written as its 16 bits: statistics and sums in
+float64 as for float32 data, z = x * alpha + beta (+ r) and BatchNorm's dx in float32 around the
+mean as in `cpu_kernels`, silu of that z in float64 (`calc`, `half` as there; parameters, given
+statistics and weight / bias grads in float32). Every kernel exists serial and
 parallel, as in `cpu_kernels`."""
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from normkit.backends.cpu_kernels import (
     _cols_elementwise,
     _cols_grad_coefficients,
     _cols_sums,
+    _centered,
+    _centered_columns,
     _compile,
+    _data,
     _given_stats,
     _narrow,
+    _scaled,
     _wide,
 )
 from normkit.backends.cpu_math import exp
@@ -55,28 +60,29 @@ def _act_views(x, r, has_r, w, b, bits, stats, like, shape, no_r, bits_shape, ca
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _z_row(x_row, r_row, has_r, alpha, beta, z, half):
-    """z = x * alpha + beta (+ r) for one row, into the float64 buffer z (`half` as in
-    `cpu_kernels._wide`)."""
+def _z_row(x_row, r_row, has_r, alpha, beta, center, z, half):
+    """z = x * alpha + beta (+ r) for one row, into the float64 buffer z (coefficients from
+    `cpu_kernels._centered`: float32 for 16-bit data)."""
     n = z.shape[0]
     if has_r:
         for i in range(n):
-            z[i] = _wide(x_row[i], half) * alpha + beta + _wide(r_row[i], half)
+            z[i] = _scaled(x_row[i], center, alpha, beta, half) + _data(r_row[i], half)
     else:
         for i in range(n):
-            z[i] = _wide(x_row[i], half) * alpha + beta
+            z[i] = _scaled(x_row[i], center, alpha, beta, half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _z_row_cols(x_row, r_row, has_r, alpha, beta, z, half):
-    """z = x * alpha[c] + beta[c] (+ r) for one channels-last row, into z."""
+def _z_row_cols(x_row, r_row, has_r, alpha, beta, center, z, half):
+    """z = x * alpha[c] + beta[c] (+ r) for one channels-last row, into z (coefficients from
+    `cpu_kernels._centered_columns`)."""
     n = z.shape[0]
     if has_r:
         for i in range(n):
-            z[i] = _wide(x_row[i], half) * alpha[i] + beta[i] + _wide(r_row[i], half)
+            z[i] = _scaled(x_row[i], center[i], alpha[i], beta[i], half) + _data(r_row[i], half)
     else:
         for i in range(n):
-            z[i] = _wide(x_row[i], half) * alpha[i] + beta[i]
+            z[i] = _scaled(x_row[i], center[i], alpha[i], beta[i], half)
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -155,33 +161,37 @@ def _act_row(z, code, slope, out_row, keep, d_row, half):
 
 
 @njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _relu_family_row(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags, half):
-    """out = relu or leaky_relu of z = x * alpha + beta (+ r) for one row, and its flags."""
+def _relu_family_row(x_row, r_row, has_r, alpha, beta, center, leaky, slope, out_row, flags,
+                     half):
+    """out = relu or leaky_relu of z = x * alpha + beta (+ r) for one row, and its flags
+    (coefficients as in `_z_row`)."""
     if has_r:
         for i in range(out_row.shape[0]):
             value, flags[i] = _relu_family(
-                _wide(x_row[i], half) * alpha + beta + _wide(r_row[i], half), leaky, slope)
-            out_row[i] = _narrow(value, half)
-    else:
-        for i in range(out_row.shape[0]):
-            value, flags[i] = _relu_family(_wide(x_row[i], half) * alpha + beta, leaky, slope)
-            out_row[i] = _narrow(value, half)
-
-
-@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, leaky, slope, out_row, flags,
-                          half):
-    """_relu_family_row of a channels-last row: alpha[c], beta[c] per element."""
-    if has_r:
-        for i in range(out_row.shape[0]):
-            value, flags[i] = _relu_family(
-                _wide(x_row[i], half) * alpha[i] + beta[i] + _wide(r_row[i], half), leaky,
+                _scaled(x_row[i], center, alpha, beta, half) + _data(r_row[i], half), leaky,
                 slope)
             out_row[i] = _narrow(value, half)
     else:
         for i in range(out_row.shape[0]):
-            value, flags[i] = _relu_family(_wide(x_row[i], half) * alpha[i] + beta[i], leaky,
+            value, flags[i] = _relu_family(_scaled(x_row[i], center, alpha, beta, half), leaky,
                                            slope)
+            out_row[i] = _narrow(value, half)
+
+
+@njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
+def _relu_family_row_cols(x_row, r_row, has_r, alpha, beta, center, leaky, slope, out_row,
+                          flags, half):
+    """_relu_family_row of a channels-last row: alpha[c], beta[c], center[c] per element."""
+    if has_r:
+        for i in range(out_row.shape[0]):
+            value, flags[i] = _relu_family(
+                _scaled(x_row[i], center[i], alpha[i], beta[i], half) + _data(r_row[i], half),
+                leaky, slope)
+            out_row[i] = _narrow(value, half)
+    else:
+        for i in range(out_row.shape[0]):
+            value, flags[i] = _relu_family(
+                _scaled(x_row[i], center[i], alpha[i], beta[i], half), leaky, slope)
             out_row[i] = _narrow(value, half)
 
 
@@ -230,11 +240,12 @@ def _mid_act_block_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, ep
     for a in range(n_a):
         for m in range(m0, m1):
             r_row = r[a % r.shape[0], m % r.shape[1], 0]
+            al, be, c = _centered(alpha[m - m0], beta[m - m0], stats[0, m], half)
             if code == 1 or code == 2:
-                _relu_family_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0],
-                                 code == 2, slope, out[a, m, 0], flags[(m - m0) * n_s:], half)
+                _relu_family_row(x[a, m, 0], r_row, has_r, al, be, c, code == 2, slope,
+                                 out[a, m, 0], flags[(m - m0) * n_s:], half)
             else:
-                _z_row(x[a, m, 0], r_row, has_r, alpha[m - m0], beta[m - m0], z, half)
+                _z_row(x[a, m, 0], r_row, has_r, al, be, c, z, half)
                 _act_row(z, code, slope, out[a, m, 0], keep,
                          deriv[a % deriv.shape[0], m % deriv.shape[1], 0], half)
         if code == 1 or code == 2:
@@ -288,8 +299,9 @@ def _mid_act_block_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_
         for m in range(m0, m1):
             if code == 3 and not kept:
                 alpha = stats[2, m] * w[m] if has_w else stats[2, m]
-                beta = (b[m] if has_b else 0.0) - stats[0, m] * alpha
-                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, alpha, beta, z,
+                al, be, c = _centered(alpha, (b[m] if has_b else 0.0) - stats[0, m] * alpha,
+                                      stats[0, m], half)
+                _z_row(x[a, m, 0], r[a % r.shape[0], m % r.shape[1], 0], has_r, al, be, c, z,
                        half)
             _dz_row(dout[a, m, 0], code, slope, flags, z, kept,
                     deriv[a % deriv.shape[0], m % deriv.shape[1], 0], dz[a, m, 0], half)
@@ -346,17 +358,18 @@ def _cols_act_forward(x, r, has_r, w, b, has_w, has_b, given, mean, var, eps, co
     alpha = np.empty(n_c)
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
+    _, alpha, beta, center = _centered_columns(alpha, alpha, beta, stats[0], half)
     for blk in prange(n_blocks):
         z = np.empty(n_c)
         flags, words = _mask_scratch(bits.shape[2])
         for row in range(blk * per_block, min(n_r, (blk + 1) * per_block)):
             r_row = r[row % r.shape[0]]
             if code == 1 or code == 2:
-                _relu_family_row_cols(x[row], r_row, has_r, alpha, beta, code == 2, slope,
-                                      out[row], flags, half)
+                _relu_family_row_cols(x[row], r_row, has_r, alpha, beta, center, code == 2,
+                                      slope, out[row], flags, half)
                 _pack_flags(words, bits[0, row])
             else:
-                _z_row_cols(x[row], r_row, has_r, alpha, beta, z, half)
+                _z_row_cols(x[row], r_row, has_r, alpha, beta, center, z, half)
                 _act_row(z, code, slope, out[row], keep, deriv[row % deriv.shape[0]], half)
 
 
@@ -391,6 +404,7 @@ def _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats
     beta = np.empty(n_c)
     _cols_affine_coefficients(stats, w, b, has_w, has_b, alpha, beta)
     mean = stats[0].copy()
+    _, alpha, beta, center = _centered_columns(alpha, alpha, beta, mean, half)
     s1_part = np.zeros((n_blocks, n_c))
     s2_part = np.zeros((n_blocks, n_c))
     for blk in prange(n_blocks):
@@ -402,7 +416,7 @@ def _cols_act_backward(x, r, has_r, dout, w, b, has_w, has_b, stats, batch_stats
             last = min(end, row + 4)
             for i in range(row, last):
                 if code == 3 and not kept:
-                    _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, z, half)
+                    _z_row_cols(x[i], r[i % r.shape[0]], has_r, alpha, beta, center, z, half)
                 if code == 1 or code == 2:
                     _unpack_flags(bits[0, i], words)
                 _dz_row(dout[i], code, slope, flags, z, kept, deriv[i % deriv.shape[0]], dz[i],

@@ -131,12 +131,18 @@ def _centered_grad(p, q, z, center, half):
 
 
 @njit(cache=True)
-def _shifted(x, c, a, b, half):
-    """(x - c) * a + b for a stored x, as the data's dtype stores it (coefficients from
-    `_centered`; c is not read for float32 / float64 data)."""
+def _scaled(x, c, a, b, half):
+    """(x - c) * a + b for a stored x, in a's dtype (coefficients from `_centered`; c is not
+    read for float32 / float64 data)."""
     if half is None:
         return np.float64(x) * a + b
-    return cpu_half.store((cpu_half.load(x, half) - c) * a + b, half)
+    return (cpu_half.load(x, half) - c) * a + b
+
+
+@njit(cache=True)
+def _shifted(x, c, a, b, half):
+    """`_scaled`, as the data's dtype stores it."""
+    return _narrow(_scaled(x, c, a, b, half), half)
 
 
 @njit(cache=True)
