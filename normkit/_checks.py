@@ -38,9 +38,10 @@ def plain_batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: T
                           eps: float) -> bool:
     """True for a batch-norm call that passes every check below, found with a few cheap tests:
     floating non-empty input of at least 2 dims (and more than one value per channel in
-    training), eps > 0, running statistics both given (or both absent in training), each
-    per-channel tensor of x's dtype with one value per channel, running statistics not
-    requiring grad. False says nothing: the full checks then run and raise torch's error."""
+    training), eps > 0, running statistics both given (or both absent in training), per-channel
+    tensors with one value per channel, all of x's dtype (or all float32 for float16 / bfloat16
+    x: torch's mixed mode), running statistics not requiring grad. False says nothing: the full
+    checks then run and raise torch's error."""
     if eps <= 0.0 or x.dim() < 2 or not x.dtype.is_floating_point:
         return False
     channels, numel = x.shape[1], x.numel()
@@ -52,10 +53,14 @@ def plain_batch_norm_call(x: Tensor, running_mean: Tensor | None, running_var: T
     elif (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
         return False
     dtype = x.dtype
+    param_dtype = None
     for t in (running_mean, running_var, weight, bias):
-        if t is not None and (t.dtype != dtype or t.numel() != channels):
-            return False
-    return True
+        if t is not None:
+            if t.numel() != channels or (param_dtype is not None and t.dtype != param_dtype):
+                return False
+            param_dtype = t.dtype
+    return param_dtype in (None, dtype) or (param_dtype == torch.float32
+                                            and dtype in _REDUCED_FLOATS)
 
 
 def plain_group_norm_call(x: Tensor, num_groups, weight: Tensor | None,

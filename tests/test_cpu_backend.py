@@ -12,7 +12,7 @@ from normkit.backends import backend_for, cpu, cpu_kernels, reference
 from normkit.backends import plan as plan_module
 from normkit.backends.plan import plan_for
 
-from sixteen_bit import assert_rounded_within_one_unit
+from sixteen_bit import assert_rounded_within_one_unit, units_apart
 
 
 def _kernel_ran(y: torch.Tensor) -> bool:
@@ -649,6 +649,38 @@ def test_low_precision_keeps_the_digits_near_a_large_mean(dtype, case):
     assert _kernel_ran(y) and y.dtype == dtype
     with torch.no_grad():
         assert_rounded_within_one_unit(y.detach(), oracle.double()(x.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_low_precision_running_statistics_move_in_the_kernel(monkeypatch, dtype, momentum):
+    """float16 / bfloat16 running buffers (a module moved to the dtype) are updated by the
+    running-statistics kernel (the reference's lerp would fail here): running + factor * (batch
+    statistic - running) in float64 from the float64 batch statistics, rounded to float32 and
+    then to the dtype, bit for bit, over five training steps (momentum=None: the cumulative
+    average's factor 1 / steps). Against the float64 running statistics (never rounded) they
+    stay within one unit of the dtype plus torch's own error (torch's statistics and lerp run in
+    float32 and drift: 3 units of bfloat16 off after three steps here)."""
+    monkeypatch.setattr(reference, "update_running_stats", None)
+    gen = torch.Generator().manual_seed(5)
+    ours, theirs = normkit.BatchNorm2d(512, momentum=momentum), \
+        torch.nn.BatchNorm2d(512, momentum=momentum)
+    ours.to(dtype), theirs.to(dtype)
+    exact = [b.double() for b in (ours.running_mean, ours.running_var)]
+    for step in range(1, 6):
+        x = (torch.randn(4, 512, 3, 3, generator=gen) * 2 + 3).to(dtype)
+        before = [b.double() for b in (ours.running_mean, ours.running_var)]
+        ours(x), theirs(x)
+        factor = 1 / step if momentum is None else momentum
+        batch = x.double().mean(dim=(0, 2, 3)), x.double().var(dim=(0, 2, 3))
+        exact = [e + factor * (b - e) for e, b in zip(exact, batch)]
+        for name, old, new, e in zip(("running_mean", "running_var"), before, batch, exact):
+            got = getattr(ours, name)
+            assert got.dtype == dtype
+            assert torch.equal(got, (old + factor * (new - old)).float().to(dtype)), name
+            torch_error = units_apart(getattr(theirs, name), e)
+            assert (units_apart(got, e) <= torch_error + 1).all(), name
+    assert ours.num_batches_tracked.item() == 5
 
 
 def test_no_grad_statistics_scratch_is_per_thread():

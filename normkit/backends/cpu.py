@@ -457,17 +457,18 @@ def _update_from_stats(running_mean: Tensor, running_var: Tensor, stats: Tensor,
         return
     correction = count / (count - 1) if count > 1 else 1.0
     address = stats.data_ptr()
+    dtype = running_mean.dtype
     _kernel_module().running_update(running_mean.data_ptr(), running_var.data_ptr(),
-                                    _LIKE[running_mean.dtype], address,
-                                    address + 8 * stats.shape[1], running_mean.numel(),
-                                    momentum, correction)
+                                    _LIKE[dtype], address, address + 8 * stats.shape[1],
+                                    running_mean.numel(), momentum, correction,
+                                    None if dtype in _DTYPES else dtype == torch.float16)
     increment_version((running_mean, running_var))  # autograd must see the in-place update
 
 
 def _kernel_buffers(running_mean: Tensor, running_var: Tensor, n: int) -> bool:
-    """Contiguous float32/float64 CPU buffers of one dtype and n values, as the
+    """Contiguous floating CPU buffers (float16 to float64) of one dtype and n values, as the
     running-statistics kernel needs."""
-    return (running_mean.is_cpu and running_mean.dtype in _DTYPES
+    return (running_mean.is_cpu and running_mean.dtype in _LIKE
             and running_var.dtype == running_mean.dtype and running_var.is_cpu
             and running_mean.is_contiguous() and running_var.is_contiguous()
             and running_mean.numel() == n and running_var.numel() == n)

@@ -1130,17 +1130,17 @@ def nsc_backward(x, dy, w, has_w, stats, need_dx, dx, dw, db, like, shape, calc,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def running_update(running_mean, running_var, like, mean, var, n, momentum, correction):
-    """running += momentum * (batch - running) in float64, rounded once into the buffers (n
-    values of `like`'s dtype); the variance enters unbiased (times `correction`). The batch
-    `mean` / biased `var` are n float64 values each."""
+def running_update(running_mean, running_var, like, mean, var, n, momentum, correction, half):
+    """running += momentum * (batch - running) in float64, rounded into the buffers (n values of
+    `like`'s dtype; `half` as in `_wide` / `_narrow` for 16-bit buffers); the variance enters
+    unbiased (times `correction`). The batch `mean` / biased `var` are n float64 values each."""
     running_mean, running_var = _at(running_mean, like, (n,)), _at(running_var, like, (n,))
     mean, var = _at(mean, np.float64, (n,)), _at(var, np.float64, (n,))
     for c in range(n):
-        rm = np.float64(running_mean[c])
-        rv = np.float64(running_var[c])
-        running_mean[c] = rm + momentum * (mean[c] - rm)
-        running_var[c] = rv + momentum * (var[c] * correction - rv)
+        rm = _wide(running_mean[c], half)
+        rv = _wide(running_var[c], half)
+        running_mean[c] = _narrow(rm + momentum * (mean[c] - rm), half)
+        running_var[c] = _narrow(rv + momentum * (var[c] * correction - rv), half)
 
 
 def _compile(fn, parallel: bool):
