@@ -440,7 +440,7 @@ def _layout_plan(sizes, strides, dims, param_sizes, shape, groups, given) -> Pla
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          count: int, momentum: float) -> None:
-    """`reference.update_running_stats`, in a kernel for float32/float64 CPU buffers."""
+    """`reference.update_running_stats`, in a kernel for contiguous CPU buffers."""
     stats = torch.stack((mean, var)).to(torch.float64)
     _update_from_stats(running_mean, running_var, stats, count, momentum)
 
