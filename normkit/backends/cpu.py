@@ -285,12 +285,14 @@ def _differentiable_backward(call, x, dy, weight, bias, need_dx):
 class _CpuNormalize(torch.autograd.Function):
     """y of `reference.normalize`, computed by the numba kernels; the statistics go into the
     call's float64 (3, items) buffer, which backward reads (it is no output: autograd keeps
-    no record of it)."""
+    no record of it). float16 / bfloat16 weight and bias (of 16-bit x) are converted to
+    float32 inside, and their grads back, so the graph holds no conversion nodes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, call):
         plan, _, eps, mean, var, _, stats, _ = call
-        y = _forward_into(plan, x, weight, bias, eps, mean, var, stats.data_ptr())
+        y = _forward_into(plan, x, _float32(weight), _float32(bias), eps, mean, var,
+                          stats.data_ptr())
         ctx.save_for_backward(x, weight, bias)
         ctx.call = call
         return y
@@ -300,15 +302,21 @@ class _CpuNormalize(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         plan, dims, eps, mean, _, shape, stats, groups = ctx.call
         need_dx = ctx.needs_input_grad[0]
+        w32 = _float32(weight)
         if torch.is_grad_enabled():
-            dx, dw, db = _differentiable_backward(ctx.call, x, dy, weight, bias, need_dx)
+            dx, dw, db = _differentiable_backward(ctx.call, x, dy, w32, _float32(bias), need_dx)
         else:
-            dx, dw, db = _backward(plan, x, dy, weight, stats, mean is None, need_dx)
-        if weight is not None and dw.dim() != weight.dim():
-            dw = dw.view_as(weight)
-        if bias is not None and db.dim() != bias.dim():
-            db = db.view_as(bias)
-        return dx, (dw if weight is not None else None), (db if bias is not None else None), None
+            dx, dw, db = _backward(plan, x, dy, w32, stats, mean is None, need_dx)
+        return dx, _grad_as(dw, weight), _grad_as(db, bias), None
+
+
+def _grad_as(grad: Tensor, param: Tensor | None) -> Tensor | None:
+    """A parameter's grad (flat, float32 for a 16-bit parameter) in its shape and dtype."""
+    if param is None:
+        return None
+    if grad.dim() != param.dim():
+        grad = grad.view_as(param)
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 _apply_cpu_normalize = direct_apply(_CpuNormalize)
@@ -335,7 +343,7 @@ def normalize(
         if direct is None:
             return _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats,
                             groups)
-        plan, (weight, bias, mean, var) = direct
+        plan, (mean, var) = direct
     else:
         plan = _plan(x, weight, bias, dims, mean, var, shape, groups)
         if plan is None:
@@ -348,6 +356,7 @@ def normalize(
         y = _apply_cpu_normalize(x, weight, bias,
                                  (plan, dims, eps, mean, var, shape, stats, groups))
     else:
+        weight, bias = _float32(weight), _float32(bias)
         read_later = with_stats or (running is not None and mean is None)
         scratch = None if read_later else _scratch_stats(plan.items)
         if scratch is not None:
@@ -362,15 +371,16 @@ def normalize(
 
 
 def _sixteen_bit_plan(x, weight, bias, dims, mean, var, shape, groups):
-    """(plan, float32 (weight, bias, mean, var)) of a call whose kernels read and write
-    float16 / bfloat16 x's own 16 bits, computing as the float32 kernels would (every plan,
-    forward and backward); None while torch.compile traces (the traced graph casts) and for
-    calls no plan covers."""
+    """(plan, float32 (mean, var)) of a call whose kernels read and write float16 / bfloat16
+    x's own 16 bits, computing as the float32 kernels would (every plan, forward and backward);
+    None while torch.compile traces (the traced graph casts) and for calls no plan covers.
+    16-bit weight and bias are converted where they are used (`_CpuNormalize` does it inside,
+    so autograd records no conversion)."""
     if torch.compiler.is_compiling():
         return None
-    w, b, m, v = (_float32(t) for t in (weight, bias, mean, var))
-    plan = _plan(x, w, b, dims, m, v, shape, groups, torch.float32)
-    return None if plan is None else (plan, (w, b, m, v))
+    m, v = _float32(mean), _float32(var)
+    plan = _plan(x, weight, bias, dims, m, v, shape, groups, torch.float32)
+    return None if plan is None else (plan, (m, v))
 
 
 def _widened(x, weight, bias, dims, eps, mean, var, shape, running, with_stats, groups):
@@ -407,12 +417,12 @@ def _traced_normalize(plan: Plan, x, weight, bias, eps, mean, var):
 def _plan(x, weight, bias, dims, mean, var, shape, groups=None,
           dtype: torch.dtype | None = None) -> Plan | None:
     """The kernels' plan for the call: float32/float64 CPU data (or data computed in `dtype`),
-    parameters and given statistics of that dtype on the CPU; None otherwise."""
+    parameters and given statistics of that dtype (or x's) on the CPU; None otherwise."""
     dtype = x.dtype if dtype is None else dtype
     if not x.is_cpu or dtype not in _DTYPES:
         return None
     for t in (weight, bias, mean, var):
-        if t is not None and (t.dtype != dtype or not t.is_cpu):
+        if t is not None and (t.dtype not in (dtype, x.dtype) or not t.is_cpu):
             return None
     param = weight if weight is not None else bias
     layout = (x.shape, x.stride(), dims, None if param is None else param.shape, shape, groups,
