@@ -124,10 +124,8 @@ def _centered(alpha, beta, center, half):
 def _centered_grad(p, q, z, center, half):
     """(p, q, z, c) with g * p + x * q + z = g * p + (x - c) * q + z' for `_grad_affine`, as
     `_centered` does for x * alpha + beta."""
-    if half is None:
-        return p, q, z, 0.0
-    c = np.float32(center)
-    return np.float32(p), np.float32(q), np.float32(z + np.float64(c) * q), c
+    a, b, c = _centered(q, z, center, half)
+    return _calc(p, half), a, b, c
 
 
 @njit(cache=True)
