@@ -660,7 +660,7 @@ def test_low_precision_running_statistics_move_in_the_kernel(monkeypatch, dtype,
     then to the dtype, bit for bit, over five training steps (momentum=None: the cumulative
     average's factor 1 / steps). Against the float64 running statistics (never rounded) they
     stay within one unit of the dtype plus torch's own error (torch's statistics and lerp run in
-    float32 and drift: 3 units of bfloat16 off after three steps here)."""
+    float32: its bfloat16 running variance was 3 units from ours after three steps here)."""
     monkeypatch.setattr(reference, "update_running_stats", None)
     gen = torch.Generator().manual_seed(5)
     ours, theirs = normkit.BatchNorm2d(512, momentum=momentum), \
