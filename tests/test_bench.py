@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -88,19 +89,23 @@ def test_repetitions_alternate_between_contenders(monkeypatch):
     """median_times interleaves the repetitions (a slow spell hits every contender alike) and
     times each by its own calls: a call that takes 3/8 of CPU_MIN_REP_SECONDS runs twice per
     repetition, one that takes the whole of it once."""
-    monkeypatch.setattr(bench, "CPU_MIN_REP_SECONDS", 0.004)
+    rep = 2.0 ** -8  # seconds; binary fractions keep the fake clock's sums exact
+    monkeypatch.setattr(bench, "CPU_MIN_REP_SECONDS", rep)
+    # a clock that moves only when a contender runs, by the contender's time, so the test does
+    # not depend on how busy the machine is (with real busy-waits, a 1.5 ms call once measured
+    # over 2 ms under CI load and ran once per repetition)
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     order = []
 
     def contender(name, seconds):
         def run():
             order.append(name)
-            end = bench.time.perf_counter() + seconds
-            while bench.time.perf_counter() < end:
-                pass
+            clock[0] += seconds
         return run
 
-    fast, slow = contender("fast", 0.0015), contender("slow", 0.0041)
+    fast, slow = contender("fast", rep * 3 / 8), contender("slow", rep)
     t_fast, t_slow = bench.median_times([fast, slow], "cpu", reps=3, warmup=1)
     timed = order[-9:]  # after warm-up and the one-call probes: 3 x (fast, fast, slow)
     assert timed == ["fast", "fast", "slow"] * 3
-    assert 0.0015 <= t_fast < t_slow and 0.0041 <= t_slow
+    assert t_fast == rep * 3 / 8 and t_slow == rep
